@@ -1,0 +1,6 @@
+"""kreg.callbacks: filled by a later issue (see README.md, "Status").
+
+Nothing is exported yet; importing this module is safe and gives no objects.
+"""
+
+__all__ = []

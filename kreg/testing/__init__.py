@@ -1,0 +1,5 @@
+"""Test helpers for kreg's own suite and for code that extends kreg."""
+
+from kreg.testing.test_case import TestCase
+
+__all__ = ["TestCase"]

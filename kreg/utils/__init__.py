@@ -1,0 +1,1 @@
+"""Internal helpers shared by kreg's public pieces (not public API)."""
