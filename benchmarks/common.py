@@ -7,13 +7,12 @@ per-round time ratios kreg / Keras.
 """
 
 import argparse
-import gzip
-import os
 import statistics
-import struct
 import time
 
 import numpy as np
+
+from kreg.walkthrough.data import load_mnist_idx
 
 
 def parse_args(description, **defaults):
@@ -36,25 +35,6 @@ def jit_compile_value(text):
     return {"auto": "auto", "true": True, "false": False}[text]
 
 
-def read_idx(path):
-    """Reads one IDX file (gzipped or not) into a NumPy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path} is not a uint8 IDX file")
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
-
-
-def _find(folder, stem):
-    for name in (stem, stem + ".gz"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"no {stem}[.gz] in {folder}")
-
-
 def mnist_train_batches(folder, batch_size, count, seed=0):
     """`count` batches of flattened, scaled MNIST training images.
 
@@ -66,11 +46,9 @@ def mnist_train_batches(folder, batch_size, count, seed=0):
     try:
         if folder is None:
             raise FileNotFoundError("no --mnist-dir given")
-        images = read_idx(_find(folder, "train-images-idx3-ubyte"))
-        labels = read_idx(_find(folder, "train-labels-idx1-ubyte"))
-        x = images[:n].reshape(n, -1).astype("float32") / 255.0
-        y = labels[:n].astype("int32")
-        source = f"MNIST from {folder}"
+        mnist = load_mnist_idx(folder)
+        x, y = mnist.x_train[:n], mnist.y_train[:n]
+        source = mnist.source
     except (FileNotFoundError, ValueError) as error:
         x = rng.rand(n, 784).astype("float32")
         y = rng.randint(0, 10, n).astype("int32")
