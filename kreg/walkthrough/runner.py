@@ -1,0 +1,172 @@
+"""Runs the arms of a controlled comparison over several seeds.
+
+An arm is one way of training the same baseline network: a model builder,
+an optimizer, a training loss and callbacks. Every arm of an experiment gets
+the same data, seeds, epoch budget and batch size; what is measured is the
+test accuracy and the test cross-entropy (always against the plain labels,
+so arms that change the training loss, like label smoothing, are scored
+alike), the epochs actually run, the wall time and per-epoch curves.
+"""
+
+import dataclasses
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+
+
+def cross_entropy_and_accuracy(logits, labels):
+    """Mean sparse categorical cross-entropy and accuracy, in NumPy."""
+    logits = np.asarray(logits, dtype="float64")
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    accuracy = (logits.argmax(axis=1) == labels).mean()
+    return float(loss), float(accuracy)
+
+
+def default_optimizer():
+    return keras.optimizers.Adam(1e-3)
+
+
+def default_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@dataclasses.dataclass
+class Arm:
+    """One way of training, compared with the other arms of an experiment.
+
+    Attributes:
+        name: the row label in the results table.
+        build: ``build(seed, dataset) -> keras.Model`` (uncompiled, logits).
+        optimizer: zero-argument factory of a fresh optimizer.
+        loss: zero-argument factory of the training loss.
+        callbacks: ``callbacks(seed, dataset) -> list`` of fresh callbacks.
+        fit: optional ``fit(model, dataset, epochs, batch_size, callbacks)
+            -> keras.callbacks.History`` replacing the plain ``model.fit``
+            on the whole training split (e.g. to hold out validation data).
+    """
+
+    name: str
+    build: Callable
+    optimizer: Callable = default_optimizer
+    loss: Callable = default_loss
+    callbacks: Callable = lambda seed, dataset: []
+    fit: Callable = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    arm: str
+    seed: int
+    test_loss: float
+    test_accuracy: float
+    epochs: int
+    seconds: float
+    curves: dict  # name -> list of per-epoch values
+
+
+class TestCurves(keras.callbacks.Callback):
+    """Records test cross-entropy and accuracy after every epoch.
+
+    For plotting only: no training decision reads these numbers.
+    """
+
+    def __init__(self, x_test, y_test):
+        super().__init__()
+        self.x_test, self.y_test = x_test, y_test
+        self.loss, self.accuracy = [], []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict(self.x_test, verbose=0, batch_size=1024)
+        loss, accuracy = cross_entropy_and_accuracy(logits, self.y_test)
+        self.loss.append(loss)
+        self.accuracy.append(accuracy)
+
+
+def plain_fit(model, dataset, epochs, batch_size, callbacks):
+    return model.fit(
+        dataset.x_train, dataset.y_train, epochs=epochs,
+        batch_size=batch_size, callbacks=callbacks, verbose=0,
+    )
+
+
+def run_arm(arm, dataset, seed, epochs, batch_size):
+    """Trains one arm with one seed; returns a `RunResult`."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    model = arm.build(seed, dataset)
+    model.compile(optimizer=arm.optimizer(), loss=arm.loss())
+    curves = TestCurves(dataset.x_test, dataset.y_test)
+    fit = arm.fit or plain_fit
+    history = fit(model, dataset, epochs, batch_size,
+                  list(arm.callbacks(seed, dataset)) + [curves])
+    logits = model.predict(dataset.x_test, verbose=0, batch_size=1024)
+    test_loss, test_accuracy = cross_entropy_and_accuracy(
+        logits, dataset.y_test
+    )
+    train_loss = [float(v) for v in history.history.get("loss", [])]
+    return RunResult(
+        arm=arm.name, seed=seed, test_loss=test_loss,
+        test_accuracy=test_accuracy, epochs=len(train_loss),
+        seconds=time.perf_counter() - start,
+        curves={
+            "train_loss": train_loss,
+            "test_loss": curves.loss,
+            "test_accuracy": curves.accuracy,
+        },
+    )
+
+
+@dataclasses.dataclass
+class Experiment:
+    """A named, controlled comparison: arms x seeds on one data set."""
+
+    key: str
+    title: str
+    question: str
+    dataset: object
+    arms: list
+    epochs: int
+    batch_size: int = 32
+    results: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def runs(self):
+        return len(self.arms)
+
+
+def run_experiment(experiment, seeds, progress=None):
+    """Runs every arm with every seed, interleaving arms within a seed."""
+    for seed in seeds:
+        for arm in experiment.arms:
+            result = run_arm(arm, experiment.dataset, seed,
+                             experiment.epochs, experiment.batch_size)
+            experiment.results.append(result)
+            if progress is not None:
+                progress(experiment, result)
+    return experiment
+
+
+def summarize(experiment):
+    """Per arm: mean and std of test accuracy and loss, epochs, seconds."""
+    rows = []
+    for arm in experiment.arms:
+        runs = [r for r in experiment.results if r.arm == arm.name]
+        if not runs:
+            continue
+        accuracy = np.array([r.test_accuracy for r in runs])
+        loss = np.array([r.test_loss for r in runs])
+        rows.append({
+            "arm": arm.name,
+            "accuracy_mean": accuracy.mean(), "accuracy_std": accuracy.std(),
+            "loss_mean": loss.mean(), "loss_std": loss.std(),
+            "epochs": np.mean([r.epochs for r in runs]),
+            "seconds": np.mean([r.seconds for r in runs]),
+            "seeds": len(runs),
+        })
+    return rows
