@@ -21,6 +21,8 @@ from kreg.walkthrough import report  # noqa: E402
 from kreg.walkthrough.runner import run_experiment  # noqa: E402
 
 EXPERIMENTS = {
+    "overfitting": catalog.overfitting,
+    "early_stopping": catalog.early_stopping,
     "optimizers": catalog.optimizers,
 }
 

@@ -106,3 +106,128 @@ def epochs_to_reach(experiment, threshold):
                 f"{got} of {len(reached)} runs"
             )
     return notes
+
+
+def overfitting(dataset, quick=False):
+    """Lecture problem "overfitting": each regularizer against the baseline.
+
+    A wide network on a small training subset overfits; every arm changes
+    one thing (or, in the last arm, all of them together).
+    """
+    train_size = 300 if quick else 400
+    data = dataset.subset(train_size, seed=0)
+    width = (512, 512)
+
+    def plain(seed, d):
+        return mlp(d, seed, hidden=width)
+
+    def l2(seed, d):
+        return mlp(d, seed, hidden=width,
+                   kernel_regularizer=kreg.regularizers.L2(1e-3))
+
+    def dropout(seed, d):
+        return mlp(d, seed, hidden=width, input_dropout=0.2,
+                   hidden_dropout=0.5)
+
+    def noise(seed, d):
+        return mlp(d, seed, hidden=width, input_noise=0.5)
+
+    def everything(seed, d):
+        return mlp(d, seed, hidden=width, input_noise=0.5,
+                   input_dropout=0.2, hidden_dropout=0.5,
+                   kernel_regularizer=kreg.regularizers.L2(1e-3))
+
+    def smoothed():
+        return kreg.losses.LabelSmoothingCrossentropy(0.1, from_logits=True)
+
+    def ema(seed, d):
+        return [kreg.callbacks.EMA(decay=0.99)]
+
+    arms = [
+        Arm("baseline", plain),
+        Arm("L2 1e-3 (kreg, lecture form)", l2),
+        Arm("dropout 0.2 in / 0.5 hidden", dropout),
+        Arm("Gaussian noise 0.5 on inputs", noise),
+        Arm("label smoothing 0.1", plain, loss=smoothed),
+        Arm("EMA of weights (decay 0.99)", plain, callbacks=ema),
+        Arm("all of the above", everything, loss=smoothed, callbacks=ema),
+    ]
+    return Experiment(
+        key="overfitting",
+        title="Overfitting: regularizers against the same baseline",
+        question=(
+            f"A 512-512 ReLU network trained on {train_size} examples "
+            "overfits. Each arm adds one regularizer of the lecture (weight "
+            "decay, dropout, noise, label smoothing, weight averaging); the "
+            "last arm combines them."
+        ),
+        dataset=data,
+        arms=arms,
+        epochs=12 if quick else 60,
+    )
+
+
+def _validation_split(dataset, fraction=0.2, seed=0):
+    import numpy as np
+
+    index = np.random.RandomState(seed).permutation(len(dataset.x_train))
+    cut = int(round(len(index) * (1 - fraction)))
+    train, val = index[:cut], index[cut:]
+    return ((dataset.x_train[train], dataset.y_train[train]),
+            (dataset.x_train[val], dataset.y_train[val]))
+
+
+def early_stopping(dataset, quick=False):
+    """Lecture: early stopping, then train again on train + validation data."""
+    train_size = 300 if quick else 400
+    data = dataset.subset(train_size, seed=0)
+    patience = 3 if quick else 8
+    batch_size = 32
+
+    def build(seed, d):
+        return mlp(d, seed, hidden=(512, 512))
+
+    def stopper():
+        return kreg.callbacks.EarlyStopping(
+            patience=patience, restore_best_weights=True
+        )
+
+    def fit_with(retrain_algorithm):
+        def fit(model, d, epochs, batch, callbacks):
+            (x, y), (x_val, y_val) = _validation_split(d)
+            extra = [stopper()]
+            if retrain_algorithm is not None:
+                extra.append(kreg.callbacks.RetrainOnFullData(
+                    d.x_train, d.y_train, algorithm=retrain_algorithm,
+                    batch_size=batch, validation_data=(x_val, y_val),
+                    max_epochs=epochs,
+                ))
+            return model.fit(
+                x, y, epochs=epochs, batch_size=batch,
+                validation_data=(x_val, y_val),
+                callbacks=callbacks + extra, verbose=0,
+            )
+        return fit
+
+    arms = [
+        Arm("early stopping on 80 % (restore best)", build,
+            fit=fit_with(None)),
+        Arm("+ retrain on 100 % from scratch (7.2)", build,
+            fit=fit_with("restart")),
+        Arm("+ continue on 100 % (7.3)", build, fit=fit_with("continue")),
+    ]
+    return Experiment(
+        key="early_stopping",
+        title="Early stopping, then retraining on all the data",
+        question=(
+            "Early stopping holds out 20 % of the training data to find the "
+            "best epoch. The lecture's procedure then trains again on all of "
+            "it: from scratch for the best number of epochs (Goodfellow et "
+            "al. algorithm 7.2), or on from the stopped weights until the "
+            "validation loss falls below the best training loss (7.3)."
+        ),
+        dataset=data,
+        arms=arms,
+        epochs=15 if quick else 100,
+        batch_size=batch_size,
+    )
