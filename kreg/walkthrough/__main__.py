@@ -23,6 +23,7 @@ from kreg.walkthrough.runner import run_experiment  # noqa: E402
 EXPERIMENTS = {
     "overfitting": catalog.overfitting,
     "early_stopping": catalog.early_stopping,
+    "gradients": catalog.gradients,
     "optimizers": catalog.optimizers,
 }
 
@@ -91,11 +92,15 @@ def main(argv=None):
         run_experiment(experiment, range(args.seeds), progress=on_run)
         if experiment.key == "optimizers":
             experiment.notes += catalog.epochs_to_reach(experiment, 0.95)
+        if experiment.key == "gradients":
+            experiment.notes += catalog.layer_norm_notes(experiment)
         report.print_table(experiment)
-        plot = report.plot_curves(experiment, args.output)
-        written.append((experiment, plot))
+        plots = [report.plot_curves(experiment, args.output),
+                 report.plot_layer_norms(experiment, args.output)]
+        written.append((experiment, [p for p in plots if p]))
     path = report.write_markdown(written, args.output, header)
-    print(f"\nWrote {path} and {len(written)} plot(s) to {args.output} "
+    count = sum(len(plots) for _, plots in written)
+    print(f"\nWrote {path} and {count} plot(s) to {args.output} "
           f"in {time.perf_counter() - start:.0f} s.")
     return written
 

@@ -231,3 +231,113 @@ def early_stopping(dataset, quick=False):
         epochs=15 if quick else 100,
         batch_size=batch_size,
     )
+
+
+def _monitor(seed, dataset):
+    return [kreg.callbacks.GradientMonitor(frequency=10, warn=False)]
+
+
+def _first_epoch_layer_norms(callbacks):
+    """Mean per-layer gradient norm over the first epoch's samples."""
+    for callback in callbacks:
+        if isinstance(callback, kreg.callbacks.GradientMonitor):
+            samples = [norms for epoch, _, norms in callback.history
+                       if epoch == 0]
+            if not samples:
+                return {}
+            # Only kernels' layers (Dense), in network order.
+            layers = [name for name in samples[0] if "dense" in name]
+            return {
+                "layer_norms": [
+                    sum(s[name] for s in samples) / len(samples)
+                    for name in layers
+                ]
+            }
+    return {}
+
+
+def gradients(dataset, quick=False):
+    """Lecture problem "vanishing/exploding gradients" and its fixes.
+
+    A deep (8 hidden layers) network: with sigmoid units and weights drawn
+    too small the gradient shrinks layer by layer (made visible by
+    `kreg.callbacks.GradientMonitor`); batch normalization or the lecture's
+    initialization (ReLU, weights scaled by 1/sqrt(n_in)) fix it. With
+    weights drawn too large the gradient explodes; `ClippedOptimizer` with a
+    global-norm threshold tames it.
+    """
+    depth = (64,) * 8
+
+    def small(seed):
+        return keras.initializers.RandomNormal(stddev=0.01, seed=seed)
+
+    def lecture(seed):  # variance 1/n_in
+        return keras.initializers.VarianceScaling(
+            1.0, "fan_in", "normal", seed=seed
+        )
+
+    def large(seed):  # variance 9/n_in: each ReLU layer doubles the signal
+        return keras.initializers.VarianceScaling(
+            9.0, "fan_in", "normal", seed=seed
+        )
+
+    def deep(activation, initializer, batch_norm=False):
+        def build(seed, d):
+            return mlp(d, seed, hidden=depth, activation=activation,
+                       initializer=initializer, batch_norm=batch_norm)
+        return build
+
+    def sgd():
+        return keras.optimizers.SGD(0.05, momentum=0.9)
+
+    def measured():
+        return kreg.optimizers.ClippedOptimizer(sgd())
+
+    def clipped():
+        return kreg.optimizers.ClippedOptimizer(sgd(), global_clipnorm=1.0)
+
+    arms = [
+        Arm("sigmoid, N(0, 0.01^2) init", deep("sigmoid", small),
+            optimizer=measured, callbacks=_monitor,
+            collect=_first_epoch_layer_norms),
+        Arm("sigmoid, N(0, 0.01^2) + BatchNormalization",
+            deep("sigmoid", small, batch_norm=True), optimizer=measured,
+            callbacks=_monitor, collect=_first_epoch_layer_norms),
+        Arm("ReLU, 1/sqrt(n_in) init (lecture)", deep("relu", lecture),
+            optimizer=measured, callbacks=_monitor,
+            collect=_first_epoch_layer_norms),
+        Arm("ReLU, 3/sqrt(n_in) init, plain SGD", deep("relu", large),
+            optimizer=sgd),
+        Arm("ReLU, 3/sqrt(n_in) init + ClippedOptimizer(global 1.0)",
+            deep("relu", large), optimizer=clipped, callbacks=_monitor,
+            collect=_first_epoch_layer_norms),
+    ]
+    return Experiment(
+        key="gradients",
+        title="Vanishing and exploding gradients in a deep network",
+        question=(
+            "Eight hidden layers of 64 units, SGD with momentum (lr 0.05), "
+            "same data and seeds. Per-layer gradient norms come from "
+            "GradientMonitor (first epoch, mean over samples)."
+        ),
+        dataset=dataset,
+        arms=arms,
+        epochs=3 if quick else 20,
+    )
+
+
+def layer_norm_notes(experiment):
+    """One line per measured arm: first vs last layer gradient norm."""
+    notes = []
+    for arm in experiment.arms:
+        norms = [r.extras["layer_norms"] for r in experiment.results
+                 if r.arm == arm.name and r.extras.get("layer_norms")]
+        if not norms:
+            continue
+        first = sum(n[0] for n in norms) / len(norms)
+        last = sum(n[-1] for n in norms) / len(norms)
+        notes.append(
+            f"{arm.name}: gradient norm of the first layer {first:.2e}, "
+            f"of the output layer {last:.2e} (ratio {first / last:.1e})"
+        )
+    return notes

@@ -23,7 +23,7 @@ def table_lines(experiment):
     return lines
 
 
-def markdown_section(experiment, plot_name=None):
+def markdown_section(experiment, plot_names=()):
     seeds = len({r.seed for r in experiment.results})
     lines = [
         f"## {experiment.title}",
@@ -41,8 +41,8 @@ def markdown_section(experiment, plot_name=None):
     lines += [f"- {note}" for note in experiment.notes]
     if experiment.notes:
         lines.append("")
-    if plot_name:
-        lines += [f"![{experiment.title}]({plot_name})", ""]
+    for name in plot_names:
+        lines += [f"![{experiment.title}]({name})", ""]
     return "\n".join(lines)
 
 
@@ -105,6 +105,42 @@ def write_markdown(experiments, folder, header):
     path = os.path.join(folder, "results.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write(header + "\n\n")
-        for experiment, plot_name in experiments:
-            f.write(markdown_section(experiment, plot_name) + "\n")
+        for experiment, plot_names in experiments:
+            f.write(markdown_section(experiment, plot_names) + "\n")
     return path
+
+
+def plot_layer_norms(experiment, folder):
+    """Mean first-epoch gradient norm per layer (input to output) per arm.
+
+    Returns the file name, or None when no arm recorded layer norms.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for arm in experiment.arms:
+        norms = [r.extras["layer_norms"] for r in experiment.results
+                 if r.arm == arm.name and r.extras.get("layer_norms")]
+        if not norms:
+            continue
+        mean = np.mean(norms, axis=0)
+        axis.plot(np.arange(1, len(mean) + 1), mean, marker="o",
+                  label=arm.name)
+        plotted = True
+    if not plotted:
+        plt.close(figure)
+        return None
+    axis.set_yscale("log")
+    axis.set_xlabel("Dense layer (1 = next to the input)")
+    axis.set_ylabel("gradient norm, first epoch")
+    axis.legend(fontsize=8)
+    axis.set_title("Where the gradient vanishes")
+    figure.tight_layout()
+    name = f"{experiment.key}_layer_norms.png"
+    figure.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(figure)
+    return name

@@ -47,6 +47,8 @@ class Arm:
         fit: optional ``fit(model, dataset, epochs, batch_size, callbacks)
             -> keras.callbacks.History`` replacing the plain ``model.fit``
             on the whole training split (e.g. to hold out validation data).
+        collect: optional ``collect(callbacks) -> dict`` run after training
+            on the arm's callbacks; the dict is kept as the run's `extras`.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Arm:
     loss: Callable = default_loss
     callbacks: Callable = lambda seed, dataset: []
     fit: Callable = None
+    collect: Callable = None
 
 
 @dataclasses.dataclass
@@ -66,6 +69,7 @@ class RunResult:
     epochs: int
     seconds: float
     curves: dict  # name -> list of per-epoch values
+    extras: dict = dataclasses.field(default_factory=dict)
 
 
 class TestCurves(keras.callbacks.Callback):
@@ -107,8 +111,9 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     model.compile(optimizer=arm.optimizer(), loss=arm.loss())
     curves = TestCurves(dataset.x_test, dataset.y_test)
     fit = arm.fit or plain_fit
+    arm_callbacks = list(arm.callbacks(seed, dataset))
     history = fit(model, dataset, epochs, batch_size,
-                  list(arm.callbacks(seed, dataset)) + [curves])
+                  arm_callbacks + [curves])
     logits = model.predict(dataset.x_test, verbose=0, batch_size=1024)
     test_loss, test_accuracy = cross_entropy_and_accuracy(
         logits, dataset.y_test
@@ -123,6 +128,7 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
             "test_loss": curves.loss,
             "test_accuracy": curves.accuracy,
         },
+        extras=arm.collect(arm_callbacks) if arm.collect else {},
     )
 
 
