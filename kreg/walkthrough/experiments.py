@@ -288,7 +288,7 @@ def gradients(dataset, quick=False):
         return build
 
     def sgd():
-        return keras.optimizers.SGD(0.05, momentum=0.9)
+        return keras.optimizers.SGD(0.01, momentum=0.9)
 
     def measured():
         return kreg.optimizers.ClippedOptimizer(sgd())
@@ -316,7 +316,7 @@ def gradients(dataset, quick=False):
         key="gradients",
         title="Vanishing and exploding gradients in a deep network",
         question=(
-            "Eight hidden layers of 64 units, SGD with momentum (lr 0.05), "
+            "Eight hidden layers of 64 units, SGD with momentum (lr 0.01), "
             "same data and seeds. Per-layer gradient norms come from "
             "GradientMonitor (first epoch, mean over samples)."
         ),
