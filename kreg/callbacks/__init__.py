@@ -1,3 +1,4 @@
 """kreg.callbacks: `model.fit` callbacks (early stopping, weight averaging)."""
 
 from kreg.callbacks.early_stopping import EarlyStopping
+from kreg.callbacks.ema import EMA
