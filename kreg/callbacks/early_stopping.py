@@ -192,6 +192,7 @@ class EarlyStopping(keras.callbacks.Callback):
     # Callback hooks ------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._reset()
+        self._finished = False
         _shared.register(self, "early_stopping")
         if self.backup_dir is not None:
             self._load_backup()
@@ -204,6 +205,13 @@ class EarlyStopping(keras.callbacks.Callback):
             self._save_backup()
 
     def on_train_end(self, logs=None):
+        if not self._finished:
+            self._finish()
+
+    def _finish(self):
+        """Restores the best weights (once); RetrainOnFullData may call it
+        before its second phase, whatever the order of the callbacks."""
+        self._finished = True
         if self.stopped_epoch > 0 and self.verbose > 0:
             print(
                 f"Epoch {self.stopped_epoch + 1}: early stopping"
