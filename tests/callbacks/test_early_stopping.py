@@ -197,11 +197,11 @@ class FitTest(TestCase):
         self.xv, _ = regression_data(32, seed=1)
         self.yv = (self.xv @ np.array([[0.7], [-1.4], [0.35]])).astype("float32")
 
-    def model(self):
+    def model(self, jit=False):
         keras.utils.set_random_seed(3)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse",
-                      jit_compile=self.jit_compile_setting())
+                      jit_compile=jit and self.jit_compile_setting())
         return model
 
     def fit(self, model, callbacks, epochs=30):
@@ -211,7 +211,7 @@ class FitTest(TestCase):
 
     def test_same_stop_as_keras_and_restores_best(self):
         keras_cb = keras.callbacks.EarlyStopping(patience=2)
-        ref = self.fit(self.model(), [keras_cb])
+        ref = self.fit(self.model(jit=True), [keras_cb])
         record = RecordWeights()
         cb = EarlyStopping(patience=2, restore_best_weights=True)
         model = self.model()
