@@ -16,15 +16,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
+from common import (
+    jit_compile_value,
+    mlp,
+    mnist_train_batches,
+    parse_args,
+    report,
+)
 
-import kreg  # noqa: E402
-from common import jit_compile_value  # noqa: E402
-from common import mlp  # noqa: E402
-from common import mnist_train_batches  # noqa: E402
-from common import parse_args  # noqa: E402
-from common import report  # noqa: E402
+import kreg
 
 DECAY = 0.999
 
@@ -62,7 +64,7 @@ def main():
     print(f"backend {keras.backend.backend()}, data: {source}, "
           f"{args.steps} steps per fit")
     variants = {
-        "without EMA": lambda: [],
+        "without EMA": list,
         "kreg EMA": lambda: [kreg.callbacks.EMA(DECAY)],
         "hand-written NumPy EMA": lambda: [NumpyEMA()],
     }

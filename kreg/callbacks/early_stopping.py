@@ -7,8 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.utils.validation import check_bool
-from kreg.utils.validation import check_number
+from kreg.utils.validation import check_bool, check_number
 
 _STATE_NAME = "kreg_early_stopping"
 

@@ -1,14 +1,12 @@
 """Exponential moving average (Polyak averaging) of the weights during fit."""
 
 import contextlib
-import numbers
 
 import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.utils.validation import check_bool
-from kreg.utils.validation import check_number
+from kreg.utils.validation import check_bool, check_number
 
 _STATE_NAME = "kreg_ema"
 

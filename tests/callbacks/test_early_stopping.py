@@ -1,6 +1,5 @@
 import os
 import tempfile
-import warnings
 
 import keras
 import numpy as np

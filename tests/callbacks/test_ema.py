@@ -4,8 +4,7 @@ import tempfile
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA
-from kreg.callbacks import EarlyStopping
+from kreg.callbacks import EMA, EarlyStopping
 from kreg.testing import TestCase
 
 

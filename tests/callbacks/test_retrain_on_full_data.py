@@ -2,8 +2,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kreg.callbacks import EarlyStopping
-from kreg.callbacks import RetrainOnFullData
+from kreg.callbacks import EarlyStopping, RetrainOnFullData
 from kreg.testing import TestCase
 
 
