@@ -1,6 +1,5 @@
-"""kreg.callbacks: filled by a later issue (see README.md, "Status").
+"""kreg.callbacks: `model.fit` callbacks (early stopping, weight averaging)."""
 
-Nothing is exported yet; importing this module is safe and gives no objects.
-"""
-
-__all__ = []
+from kreg.callbacks.early_stopping import EarlyStopping
+from kreg.callbacks.ema import EMA
+from kreg.callbacks.retrain_on_full_data import RetrainOnFullData

@@ -1,0 +1,75 @@
+"""Private plumbing shared by kreg's callbacks.
+
+- A per-model registry, so that callbacks passed to the same ``fit`` can find
+  each other (``RetrainOnFullData`` needs the ``EarlyStopping``;
+  ``EarlyStopping`` asks the ``EMA`` which weights produced the validation
+  logs). Callbacks of one ``fit`` share the very same ``params`` dict (Keras's
+  ``CallbackList`` hands one dict to every callback), which tells apart the
+  callbacks of the running ``fit`` from stale ones of an earlier call.
+- Saving and loading a callback's state (JSON numbers plus NumPy arrays) in a
+  backup folder, atomically enough for an interruption between epochs.
+"""
+
+import json
+import os
+import weakref
+
+import numpy as np
+
+_REGISTRY = weakref.WeakKeyDictionary()
+
+
+def register(callback, role):
+    """Records `callback` under `role` for its model's running ``fit``."""
+    try:
+        entries = _REGISTRY.setdefault(callback.model, {})
+    except TypeError:  # a model that cannot be weakly referenced
+        return
+    entries[role] = callback
+
+
+def lookup(callback, role):
+    """The callback registered under `role` in the same ``fit``, or None."""
+    try:
+        other = _REGISTRY.get(callback.model, {}).get(role)
+    except TypeError:
+        return None
+    if other is None or other is callback:
+        return other
+    if other.params is not callback.params or other.model is not callback.model:
+        return None
+    return other
+
+
+def save_state(folder, name, numbers, arrays):
+    """Writes ``name.json`` (numbers) and ``name.npz`` (arrays) in `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    arrays_path = os.path.join(folder, name + ".npz")
+    json_path = os.path.join(folder, name + ".json")
+    tmp = arrays_path + ".tmp.npz"
+    np.savez(tmp, **{f"a{i:05d}": a for i, a in enumerate(arrays)})
+    os.replace(tmp, arrays_path)
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**numbers, "num_arrays": len(arrays)}, f)
+    os.replace(tmp, json_path)
+
+
+def load_state(folder, name):
+    """Returns ``(numbers, arrays)`` saved by `save_state`, or None."""
+    json_path = os.path.join(folder, name + ".json")
+    arrays_path = os.path.join(folder, name + ".npz")
+    if not (os.path.exists(json_path) and os.path.exists(arrays_path)):
+        return None
+    with open(json_path) as f:
+        numbers = json.load(f)
+    with np.load(arrays_path) as data:
+        arrays = [data[f"a{i:05d}"] for i in range(numbers["num_arrays"])]
+    return numbers, arrays
+
+
+def delete_state(folder, name):
+    for suffix in (".json", ".npz"):
+        path = os.path.join(folder, name + suffix)
+        if os.path.exists(path):
+            os.remove(path)

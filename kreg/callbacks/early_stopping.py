@@ -1,0 +1,345 @@
+"""Early stopping with a readable best epoch and a resumable state."""
+
+import numbers
+import warnings
+
+import keras
+import numpy as np
+
+from kreg.callbacks import _shared
+from kreg.utils.validation import check_bool, check_number
+
+_STATE_NAME = "kreg_early_stopping"
+
+# Metric names whose direction "auto" mode can infer when the metric object
+# gives no hint; the rest (losses, errors) are minimized.
+_MAXIMIZED = ("acc", "auc", "precision", "recall", "f1", "fbeta", "iou",
+              "r2", "top_k", "cosine_similarity")
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class EarlyStopping(keras.callbacks.Callback):
+    """Stops training when a monitored quantity has stopped improving.
+
+    A drop-in for `keras.callbacks.EarlyStopping` (same arguments, defaults and
+    stopping rule). At the end of every epoch from ``start_from_epoch`` on,
+    the monitored value ``v`` counts as an improvement on the best value so far
+    when ``v < best - |min_delta|`` (mode ``"min"``) or
+    ``v > best + |min_delta|`` (mode ``"max"``); training stops once
+    ``patience`` epochs in a row brought no improvement (and, with
+    ``baseline``, while the best value has not beaten the baseline, the wait
+    counter keeps running). This is the lecture's "stop when the validation
+    loss is lowest" (Goodfellow et al., algorithm 7.1).
+
+    Beyond Keras:
+
+    - ``best_epoch`` (0-based), ``best`` (the best monitored value) and
+      ``stopped_epoch`` (0-based epoch at which training stopped, ``0`` when it
+      ran out of epochs, as in Keras) are readable after ``fit``;
+      ``best_epoch`` and ``best`` are ``None`` when the monitored value never
+      appeared in the logs. The callback is reset at the start of each
+      ``fit``, so one instance can serve several ``fit`` calls.
+    - ``restore_best_weights=True`` restores the best weights at the end of
+      training whether it stopped early or ran out of epochs.
+    - Used in the same ``fit`` as `kreg.callbacks.EMA` (which by default
+      validates with the averaged weights), the weights kept and restored are
+      the averaged ones that produced the best ``val_*`` value, so the model
+      reproduces the best logged value; Keras's built-in restores raw weights.
+    - Its state (best value, best epoch, wait counter, best weights) survives
+      an interrupted training: with ``backup_dir`` it is written there at the
+      end of every epoch and read back when the next ``fit`` begins, so a
+      ``fit`` resumed with `keras.callbacks.BackupAndRestore` stops at the same
+      epoch as an uninterrupted one. The files are deleted when training ends.
+      `get_state` / `set_state` give the same state as a dict.
+
+    Args:
+        monitor: name of the logged quantity to monitor. Defaults to
+            `"val_loss"`.
+        min_delta: minimum change that counts as an improvement (its absolute
+            value is used). Defaults to `0`.
+        patience: number of epochs without improvement after which training
+            stops. Defaults to `0`.
+        verbose: 0 (silent) or 1 (print a message when stopping or
+            restoring). Defaults to `0`.
+        mode: `"min"`, `"max"` or `"auto"` (`"max"` for accuracy-like names
+            and metrics that report an upward direction, `"min"` for losses
+            and errors). Defaults to `"auto"`.
+        baseline: a value the monitored quantity must beat; training stops
+            after ``patience`` epochs that do not beat it. Defaults to `None`.
+        restore_best_weights: restore the weights of the best epoch at the
+            end of training. Defaults to `False`.
+        start_from_epoch: number of warm-up epochs before monitoring starts.
+            Defaults to `0`.
+        backup_dir: folder where the state is kept between epochs for
+            resuming an interrupted ``fit`` (may be a `BackupAndRestore`
+            folder: the files are named ``kreg_early_stopping.*``). Defaults
+            to `None` (no backup).
+
+    Example:
+
+    ```python
+    stop = kreg.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
+    model.fit(x, y, validation_split=0.2, epochs=100, callbacks=[stop])
+    print(stop.best_epoch, stop.best, stop.stopped_epoch)
+    ```
+
+    Reference:
+        Goodfellow, Bengio & Courville, "Deep Learning", MIT Press 2016,
+        section 7.8, algorithm 7.1.
+    """
+
+    def __init__(
+        self,
+        monitor="val_loss",
+        min_delta=0,
+        patience=0,
+        verbose=0,
+        mode="auto",
+        baseline=None,
+        restore_best_weights=False,
+        start_from_epoch=0,
+        backup_dir=None,
+    ):
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(
+                "Invalid value received for argument `monitor`. Expected a "
+                f"non-empty string. Received: monitor={monitor!r}"
+            )
+        self.monitor = monitor
+        self.min_delta = abs(check_number("min_delta", min_delta))
+        self.patience = _check_count("patience", patience)
+        self.verbose = _check_count("verbose", verbose)
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(
+                "Invalid value received for argument `mode`. Expected one of "
+                f"'auto', 'min', 'max'. Received: mode={mode!r}"
+            )
+        self.mode = mode
+        self.baseline = (
+            None if baseline is None else check_number("baseline", baseline)
+        )
+        self.restore_best_weights = check_bool(
+            "restore_best_weights", restore_best_weights
+        )
+        self.start_from_epoch = _check_count(
+            "start_from_epoch", start_from_epoch
+        )
+        if backup_dir is not None and not isinstance(backup_dir, str):
+            raise TypeError(
+                "Invalid value received for argument `backup_dir`. Expected "
+                f"None or a path string. Received: backup_dir={backup_dir!r}"
+            )
+        self.backup_dir = backup_dir
+        self._maximize = None
+        self._reset()
+
+    def _reset(self):
+        self.wait = 0
+        self.stopped_epoch = 0
+        self.best = None
+        self.best_epoch = None
+        self.best_weights = None
+
+    # State ---------------------------------------------------------------
+    def get_state(self):
+        """The state that decides future stops, as a dict.
+
+        Keys ``wait``, ``stopped_epoch``, ``best``, ``best_epoch`` and
+        ``best_weights`` (a list of NumPy arrays in ``model.get_weights()``
+        order, or ``None``).
+        """
+        return {
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_weights": (
+                None if self.best_weights is None
+                else [np.array(w) for w in self.best_weights]
+            ),
+        }
+
+    def set_state(self, state):
+        """Restores a state produced by `get_state`."""
+        self.wait = int(state["wait"])
+        self.stopped_epoch = int(state["stopped_epoch"])
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_epoch = (
+            None if state["best_epoch"] is None else int(state["best_epoch"])
+        )
+        weights = state.get("best_weights")
+        self.best_weights = (
+            None if weights is None else [np.array(w) for w in weights]
+        )
+
+    def _save_backup(self):
+        state = self.get_state()
+        weights = state.pop("best_weights")
+        state["has_weights"] = weights is not None
+        _shared.save_state(self.backup_dir, _STATE_NAME, state, weights or [])
+
+    def _load_backup(self):
+        loaded = _shared.load_state(self.backup_dir, _STATE_NAME)
+        if loaded is None:
+            return False
+        numbers_, arrays = loaded
+        numbers_["best_weights"] = arrays if numbers_["has_weights"] else None
+        self.set_state(numbers_)
+        return True
+
+    # Callback hooks ------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._reset()
+        self._finished = False
+        _shared.register(self, "early_stopping")
+        if self.backup_dir is not None:
+            self._load_backup()
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self._monitor_value(logs)
+        if current is not None and epoch >= self.start_from_epoch:
+            self._update(epoch, current)
+        if self.backup_dir is not None:
+            self._save_backup()
+
+    def on_train_end(self, logs=None):
+        if not self._finished:
+            self._finish()
+
+    def _finish(self):
+        """Restores the best weights (once); RetrainOnFullData may call it
+        before its second phase, whatever the order of the callbacks."""
+        self._finished = True
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            print(
+                f"Epoch {self.stopped_epoch + 1}: early stopping"
+            )
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose > 0:
+                print(
+                    "Restoring model weights from the end of the best epoch: "
+                    f"{self.best_epoch + 1}."
+                )
+            self.model.set_weights(self.best_weights)
+            ema = _shared.lookup(self, "ema")
+            if ema is not None:
+                ema._weights_restored_by_early_stopping()
+        if self.backup_dir is not None:
+            _shared.delete_state(self.backup_dir, _STATE_NAME)
+
+    # Internals -----------------------------------------------------------
+    def _update(self, epoch, current):
+        if self._maximize is None:
+            self._maximize = self._infer_direction()
+        if self.restore_best_weights and self.best_weights is None:
+            # The first monitored epoch is the best so far.
+            self.best_weights = self._weights_to_keep()
+            self.best_epoch = epoch
+        self.wait += 1
+        if self._improves(current, self.best):
+            self.best = current
+            self.best_epoch = epoch
+            if self.restore_best_weights:
+                self.best_weights = self._weights_to_keep()
+            if self.baseline is None or self._improves(current, self.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def _improves(self, value, reference):
+        if reference is None:
+            return True
+        if self._maximize:
+            return value - self.min_delta > reference
+        return value + self.min_delta < reference
+
+    def _weights_to_keep(self):
+        """The weights that produced the monitored value."""
+        ema = _shared.lookup(self, "ema")
+        if (
+            ema is not None
+            and self.monitor.startswith("val_")
+            and ema.validate_with_averaged
+        ):
+            return ema.averaged_model_weights()
+        return self.model.get_weights()
+
+    def _monitor_value(self, logs):
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        if value is None:
+            warnings.warn(
+                f"Early stopping conditioned on metric `{self.monitor}` "
+                "which is not available. Available metrics are: "
+                f"{','.join(list(logs.keys()))}",
+                stacklevel=3,
+            )
+            return None
+        return float(np.asarray(keras.ops.convert_to_numpy(value)))
+
+    def _infer_direction(self):
+        if self.mode != "auto":
+            return self.mode == "max"
+        name = self.monitor.removeprefix("val_")
+        if name == "loss" or name.endswith("_loss"):
+            return False
+        direction = _metric_direction(self.model, name)
+        if direction is not None:
+            return direction == "up"
+        if any(key in name for key in _MAXIMIZED):
+            return True
+        if any(key in name for key in ("loss", "error", "crossentropy",
+                                        "hinge", "divergence", "poisson")):
+            return False
+        raise ValueError(
+            f"EarlyStopping callback received monitor={self.monitor}, but "
+            "cannot determine whether that metric should be maximized or "
+            "minimized. Pass `mode='max'` or `mode='min'`."
+        )
+
+    def get_config(self):
+        return {
+            "monitor": self.monitor,
+            "min_delta": self.min_delta,
+            "patience": self.patience,
+            "verbose": self.verbose,
+            "mode": self.mode,
+            "baseline": self.baseline,
+            "restore_best_weights": self.restore_best_weights,
+            "start_from_epoch": self.start_from_epoch,
+            "backup_dir": self.backup_dir,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"Invalid value received for argument `{name}`. Expected a "
+            f"non-negative integer. Received: {name}={value!r}"
+        )
+    if value < 0:
+        raise ValueError(
+            f"Invalid value received for argument `{name}`. Expected a "
+            f"non-negative integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _metric_direction(model, name):
+    """The ``_direction`` ("up"/"down") a Keras metric object reports."""
+    stack = list(getattr(model, "metrics", []) or [])
+    while stack:
+        metric = stack.pop()
+        stack.extend(getattr(metric, "metrics", []) or [])
+        if getattr(metric, "name", None) == name:
+            direction = getattr(metric, "_direction", None)
+            if direction in ("up", "down"):
+                return direction
+    return None

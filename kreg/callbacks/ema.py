@@ -1,0 +1,573 @@
+"""Exponential moving average (Polyak averaging) of the weights during fit."""
+
+import contextlib
+
+import keras
+import numpy as np
+
+from kreg.callbacks import _shared
+from kreg.utils.validation import check_bool, check_number
+
+_STATE_NAME = "kreg_ema"
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class EMA(keras.callbacks.Callback):
+    """Keeps an exponential moving average of the weights while training.
+
+    When training begins, the shadow is a copy of the weights ``s_0 = w_0``;
+    after every optimizer step ``t = 1, 2, ...``::
+
+        s_t = d_t * s_{t-1} + (1 - d_t) * w_t
+
+    with ``d_t = decay``, or, with ``warmup=True`` (timm's ModelEmaV3),
+    ``d_t = min(decay, 1 - t ** (-warmup_power))``, which starts at 0 and
+    lets the shadow follow the first, fast-changing weights.
+
+    The update is one compiled call per step on the shadow variables
+    (``tf.function`` on TensorFlow, ``jax.jit`` with buffer donation on JAX,
+    fused in-place ``lerp`` on PyTorch), never a copy through NumPy.
+
+    - Validation inside ``fit`` runs with the averaged weights
+      (``validate_with_averaged=True``), so ``val_*`` logs describe the model
+      you keep; the raw weights are put back before training continues.
+    - ``with ema.averaged_weights(): ...`` swaps the averaged weights in (for
+      ``evaluate``, ``predict``, ``save``) and back out on exit. Passed as a
+      callback to ``evaluate``/``predict`` it does the same for that call, and
+      nothing is left swapped afterwards (Keras's ``SwapEMAWeights`` leaves
+      the EMA weights in after ``predict``).
+    - At the end of training the averaged weights are left in the model
+      (``keep_averaged=True``); ``ema.raw_weights()`` swaps the last raw
+      weights back in temporarily.
+    - With `kreg.callbacks.EarlyStopping(restore_best_weights=True)` in the
+      same ``fit``, the restored weights are the averaged ones of the best
+      epoch (those that produced the best ``val_*`` value) and the EMA does
+      not overwrite them at the end.
+    - Batch-normalization moving statistics are non-trainable weights. By
+      default they are not averaged: the averaged model uses the current
+      moving statistics (as Keras's optimizer ``use_ema`` does). With
+      ``average_non_trainable=True`` every floating-point non-trainable
+      weight is averaged like the trainable ones (as timm's ModelEma does);
+      integer state (counters, seeds) is never averaged.
+    - The shadow and the step count survive an interrupted training: with
+      ``backup_dir`` they are saved at the end of every epoch and restored
+      when the next ``fit`` begins (use beside
+      `keras.callbacks.BackupAndRestore`); `get_state`/`set_state` give the
+      same as a dict.
+
+    Args:
+        decay: the decay ``d`` in [0, 1). Defaults to `0.999`.
+        warmup: ramp the decay up as ``1 - t ** (-warmup_power)``. Defaults to
+            `False`.
+        warmup_power: exponent of the warm-up, in (0, inf). Defaults to
+            `2 / 3`.
+        validate_with_averaged: evaluate the validation data inside ``fit``
+            with the averaged weights. Defaults to `True`.
+        keep_averaged: leave the averaged weights in the model when training
+            ends. Defaults to `True`.
+        average_non_trainable: also average floating-point non-trainable
+            weights (batch-normalization moving statistics). Defaults to
+            `False`.
+        backup_dir: folder where the shadow is kept between epochs for
+            resuming an interrupted ``fit`` (files ``kreg_ema.*``). Defaults
+            to `None`.
+
+    Example:
+
+    ```python
+    ema = kreg.callbacks.EMA(decay=0.99)
+    model.fit(x, y, validation_split=0.2, epochs=10, callbacks=[ema])
+    # The model now holds the averaged weights.
+    with ema.raw_weights():
+        raw_predictions = model.predict(x)
+    ```
+
+    Reference:
+        Polyak & Juditsky, "Acceleration of stochastic approximation by
+        averaging", SIAM J. Control Optim. 1992.
+    """
+
+    def __init__(
+        self,
+        decay=0.999,
+        warmup=False,
+        warmup_power=2.0 / 3.0,
+        validate_with_averaged=True,
+        keep_averaged=True,
+        average_non_trainable=False,
+        backup_dir=None,
+    ):
+        super().__init__()
+        self.decay = check_number(
+            "decay", decay, 0.0, 1.0, high_inclusive=False
+        )
+        self.warmup = check_bool("warmup", warmup)
+        self.warmup_power = check_number(
+            "warmup_power", warmup_power, 0.0, None, low_inclusive=False
+        )
+        self.validate_with_averaged = check_bool(
+            "validate_with_averaged", validate_with_averaged
+        )
+        self.keep_averaged = check_bool("keep_averaged", keep_averaged)
+        self.average_non_trainable = check_bool(
+            "average_non_trainable", average_non_trainable
+        )
+        if backup_dir is not None and not isinstance(backup_dir, str):
+            raise TypeError(
+                "Invalid value received for argument `backup_dir`. Expected "
+                f"None or a path string. Received: backup_dir={backup_dir!r}"
+            )
+        self.backup_dir = backup_dir
+        self._targets = None
+        self._built_for = None
+        self._shadows = None
+        self._backup = None
+        self._averaged_in_model = False
+        self._in_fit = False
+        self._updater = None
+        self._count = None
+
+    @property
+    def steps(self):
+        """How many optimizer steps the shadow has averaged in this fit."""
+        if self._count is None:
+            return 0
+        self._flush()
+        return int(keras.ops.convert_to_numpy(self._count.value))
+
+    # Public API ------------------------------------------------------------
+    @property
+    def shadow_variables(self):
+        """The averaged values, one variable per averaged model weight."""
+        self._flush()
+        return list(self._shadows or [])
+
+    def current_decay(self, step):
+        """The decay ``d_t`` used at optimizer step ``t`` (1-based)."""
+        t = step
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - float(t) ** (-self.warmup_power))
+
+    def averaged_model_weights(self):
+        """``model.get_weights()`` with the averaged values where averaged."""
+        self._check_started()
+        self._flush()
+        by_id = {id(v): s for v, s in zip(self._targets, self._shadows)}
+        return [
+            keras.ops.convert_to_numpy(by_id.get(id(w), w).value)
+            for w in self.model.weights
+        ]
+
+    def swap_in(self):
+        """Puts the averaged weights into the model (no-op if already in)."""
+        self._check_started()
+        if self._averaged_in_model:
+            return
+        self._flush()
+        self._backup = [_copy(v.value) for v in self._targets]
+        for target, shadow in zip(self._targets, self._shadows):
+            target.assign(_copy(shadow.value))
+        self._averaged_in_model = True
+
+    def swap_out(self):
+        """Puts the raw weights back (no-op if they are in the model)."""
+        if not self._averaged_in_model:
+            return
+        if self._backup is not None:
+            for target, value in zip(self._targets, self._backup):
+                target.assign(value)
+        self._backup = None
+        self._averaged_in_model = False
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Context manager: averaged weights inside, previous state after."""
+        was_in = self._averaged_in_model
+        self.swap_in()
+        try:
+            yield self
+        finally:
+            if not was_in:
+                self.swap_out()
+
+    @contextlib.contextmanager
+    def raw_weights(self):
+        """Context manager: raw weights inside, previous state after."""
+        was_in = self._averaged_in_model
+        if was_in and self._backup is None:
+            raise ValueError(
+                "The raw weights are no longer available: they were replaced "
+                "after training (e.g. by EarlyStopping(restore_best_weights="
+                "True))."
+            )
+        self.swap_out()
+        try:
+            yield self
+        finally:
+            if was_in:
+                self.swap_in()
+
+    def get_state(self):
+        """The step count and shadow values (NumPy), as a dict."""
+        self._check_started()
+        self._flush()
+        return {
+            "steps": self.steps,
+            "shadow": [
+                keras.ops.convert_to_numpy(s.value) for s in self._shadows
+            ],
+        }
+
+    def set_state(self, state):
+        """Restores a state produced by `get_state` (after training began)."""
+        self._check_started()
+        self._flush()
+        shadow = state["shadow"]
+        if len(shadow) != len(self._shadows):
+            raise ValueError(
+                f"The state holds {len(shadow)} averaged weights but this "
+                f"model has {len(self._shadows)}."
+            )
+        for variable, value in zip(self._shadows, shadow):
+            if tuple(variable.shape) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"Shape mismatch restoring the EMA shadow of "
+                    f"{variable.path}: {tuple(variable.shape)} vs "
+                    f"{tuple(np.shape(value))}."
+                )
+            variable.assign(value)
+        self._count.assign(int(state["steps"]))
+
+    # Callback hooks --------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        steps_per_execution = getattr(self.model, "steps_per_execution", 1)
+        if steps_per_execution and steps_per_execution > 1:
+            raise ValueError(
+                "EMA updates the average once per optimizer step and needs "
+                "`steps_per_execution=1` in `model.compile`. Received: "
+                f"steps_per_execution={steps_per_execution}"
+            )
+        _shared.register(self, "ema")
+        self._in_fit = True
+        self._restored_by_early_stopping = False
+        self._averaged_in_model = False
+        self._backup = None
+        self._build()
+        if self.backup_dir is not None:
+            loaded = _shared.load_state(self.backup_dir, _STATE_NAME)
+            if loaded is not None:
+                numbers_, arrays = loaded
+                self.set_state({"steps": numbers_["steps"], "shadow": arrays})
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Folds in the previous optimizer step (see `_Updater`).
+        self._updater()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.backup_dir is not None:
+            _shared.save_state(
+                self.backup_dir, _STATE_NAME, {"steps": self.steps},
+                self.get_state()["shadow"],
+            )
+
+    def on_test_begin(self, logs=None):
+        self._swap_for_inference(
+            self.validate_with_averaged if self._in_fit else True
+        )
+
+    def on_test_end(self, logs=None):
+        self._unswap_after_inference()
+
+    def on_predict_begin(self, logs=None):
+        self._swap_for_inference(True)
+
+    def on_predict_end(self, logs=None):
+        self._unswap_after_inference()
+
+    def on_train_end(self, logs=None):
+        self._in_fit = False
+        self._flush()
+        if self.keep_averaged and not self._restored_by_early_stopping:
+            self.swap_in()
+        if self.backup_dir is not None:
+            _shared.delete_state(self.backup_dir, _STATE_NAME)
+
+    # Internals -------------------------------------------------------------
+    def _weights_restored_by_early_stopping(self):
+        """EarlyStopping put the best (averaged) weights in: keep them."""
+        self._restored_by_early_stopping = True
+        self._averaged_in_model = False
+        self._backup = None
+
+    def _swap_for_inference(self, wanted):
+        self._swapped_for_inference = (
+            wanted and self._shadows is not None
+            and not self._averaged_in_model
+        )
+        if self._swapped_for_inference:
+            self.swap_in()
+
+    def _unswap_after_inference(self):
+        if getattr(self, "_swapped_for_inference", False):
+            self.swap_out()
+        self._swapped_for_inference = False
+
+    def _flush(self):
+        if self._updater is not None:
+            self._updater.flush()
+
+    def _check_started(self):
+        if self._shadows is None:
+            raise ValueError(
+                "The EMA has no averaged weights yet: pass it to `model.fit` "
+                "first (the shadow is created when training begins)."
+            )
+
+    def _build(self):
+        targets = list(self.model.trainable_variables)
+        if self.average_non_trainable:
+            targets += [
+                v for v in self.model.non_trainable_variables
+                if "float" in str(v.dtype)
+            ]
+        if not targets:
+            raise ValueError("EMA needs a model with trainable weights.")
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            raise ValueError("EMA needs a compiled model (an optimizer).")
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        accumulation = int(
+            getattr(optimizer, "gradient_accumulation_steps", None) or 1
+        )
+        config = (self.decay, self.warmup, self.warmup_power, accumulation)
+        iterations = optimizer.iterations
+        same = (
+            self._updater is not None
+            and self._built_for == (self.model, optimizer, config)
+            and len(targets) == len(self._targets)
+            and all(a is b for a, b in zip(targets, self._targets))
+        )
+        if same:
+            # Another fit of the same model: reuse the variables and the
+            # compiled update, start again from s_0 = w_0.
+            self._flush()
+            for shadow, target in zip(self._shadows, targets):
+                shadow.assign(_copy(target.value))
+            self._count.assign(0)
+            self._last.assign(_copy(iterations.value))
+            return
+        self._targets = targets
+        self._built_for = (self.model, optimizer, config)
+        # s_0 = w_0.
+        self._shadows = [
+            keras.Variable(
+                _copy(v.value), dtype=v.dtype, trainable=False,
+                name=f"ema_{v.name}",
+            )
+            for v in targets
+        ]
+        self._count = keras.Variable(0, dtype="int32", trainable=False,
+                                     name="ema_count")
+        self._last = keras.Variable(
+            _copy(iterations.value), dtype=iterations.dtype, trainable=False,
+            name="ema_last_iteration",
+        )
+        self._updater = _Updater(
+            self.model, targets, self._shadows, self._count, self._last,
+            config,
+        )
+
+    def get_config(self):
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "warmup_power": self.warmup_power,
+            "validate_with_averaged": self.validate_with_averaged,
+            "keep_averaged": self.keep_averaged,
+            "average_non_trainable": self.average_non_trainable,
+            "backup_dir": self.backup_dir,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _copy(value):
+    """A copy that owns its buffer (JAX train steps donate their inputs)."""
+    return keras.ops.copy(value)
+
+
+def _ema_math(shadows, weights, count, last, iteration, config):
+    """One EMA step, skipped in-graph when no optimizer step happened.
+
+    ``iteration`` is the optimizer's step counter now, ``last`` its value at
+    the previous update. An update happens when it moved (and, with gradient
+    accumulation over ``k`` batches, when it is a multiple of ``k``: the
+    weights change only then). Returns new shadows, count and last.
+    """
+    decay, warmup, power, accumulation = config
+    ops = keras.ops
+    changed = ops.not_equal(iteration, last)
+    if accumulation > 1:
+        changed = ops.logical_and(
+            changed, ops.equal(ops.mod(iteration, accumulation), 0)
+        )
+    count = count + ops.cast(changed, count.dtype)
+    d = ops.convert_to_tensor(decay, "float32")
+    if warmup:
+        t = ops.maximum(ops.cast(count, "float32"), 1.0)
+        d = ops.minimum(d, 1.0 - ops.power(t, -power))
+    d = ops.where(changed, d, ops.ones_like(d))
+    new = []
+    for shadow, weight in zip(shadows, weights):
+        ds = ops.cast(d, shadow.dtype)
+        new.append(ds * shadow + (1.0 - ds) * ops.cast(weight, shadow.dtype))
+    return new, count, iteration
+
+
+class _Updater:
+    """Applies pending EMA updates with one compiled call.
+
+    Called before every train step (``on_train_batch_begin``) and before the
+    averaged weights are read (validation, swaps, state, end of training),
+    it folds in the optimizer step just taken, if any. Doing it at the start
+    of the next step instead of in ``on_train_batch_end`` keeps Keras's
+    asynchronous callback dispatch (a batch-end hook forces every step's logs
+    to the host and serializes the loop).
+    """
+
+    def __init__(self, model, targets, shadows, count, last, config):
+        self.model = model
+        self.targets = targets
+        self.shadows = shadows
+        self.count = count
+        self.last = last
+        self.config = config
+        self.iterations = model.optimizer.iterations
+        self.backend = keras.backend.backend()
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            @tf.function(autograph=False)
+            def update():
+                new, count, last = _ema_math(
+                    [s.value for s in shadows], [t.value for t in targets],
+                    self.count.value, self.last.value,
+                    self.iterations.value, config,
+                )
+                for shadow, value in zip(shadows, new):
+                    shadow.assign(value)
+                self.count.assign(count)
+                self.last.assign(last)
+
+            self.update = update
+        elif self.backend == "jax":
+            import jax
+
+            self._jitted = jax.jit(
+                lambda s, w, c, last, it: _ema_math(s, w, c, last, it, config),
+                donate_argnums=0,
+            )
+            self._arrays = None
+            self._index = self._state_index()
+            self.update = self._jax_update
+        elif self.backend == "torch":
+            self.update = self._torch_update
+        else:
+            self.update = self._eager_update
+
+    # JAX ----------------------------------------------------------------
+    def _state_index(self):
+        model = self.model
+        places = {}
+        for key, variables in (
+            ("trainable_variables", model.trainable_variables),
+            ("non_trainable_variables", model.non_trainable_variables),
+            ("optimizer_variables", model.optimizer.variables),
+        ):
+            for i, v in enumerate(variables):
+                places.setdefault(id(v), (key, i))
+        return (
+            [places[id(t)] for t in self.targets],
+            places.get(id(self.iterations)),
+        )
+
+    def _jax_current(self):
+        # During fit the JAX trainer holds the newest state in `_jax_state`
+        # and writes it into the variables only at the end of an epoch
+        # (`jax_state_sync`, which costs a full write per call). Read it
+        # there when the variables are stale.
+        model = self.model
+        state = getattr(model, "_jax_state", None)
+        targets_index, iterations_index = self._index
+        if (
+            state and not getattr(model, "_jax_state_synced", True)
+            and iterations_index is not None
+        ):
+            try:
+                weights = [state[key][i] for key, i in targets_index]
+                key, i = iterations_index
+                return weights, state[key][i]
+            except (KeyError, IndexError, TypeError):
+                pass
+        model.jax_state_sync()
+        return [t.value for t in self.targets], self.iterations.value
+
+    def _jax_update(self):
+        weights, iteration = self._jax_current()
+        if self._arrays is None:
+            self._arrays = (
+                [_copy(s.value) for s in self.shadows],
+                _copy(self.count.value), _copy(self.last.value),
+            )
+        shadows, count, last = self._arrays
+        self._arrays = self._jitted(shadows, weights, count, last, iteration)
+
+    # PyTorch ------------------------------------------------------------
+    def _torch_update(self):
+        import torch
+
+        decay, warmup, power, accumulation = self.config
+        iteration = int(self.iterations.value)
+        last = int(self.last.value)
+        if iteration == last or iteration % accumulation:
+            return
+        count = int(self.count.value) + 1
+        d = min(decay, 1.0 - count ** (-power)) if warmup else decay
+        with torch.no_grad():
+            # s <- s + (1 - d) * (w - s), fused and in place.
+            torch._foreach_lerp_(
+                [s.value for s in self.shadows],
+                [t.value for t in self.targets],
+                1.0 - d,
+            )
+        self.count.assign(count)
+        self.last.assign(iteration)
+
+    def _eager_update(self):
+        new, count, last = _ema_math(
+            [s.value for s in self.shadows], [t.value for t in self.targets],
+            self.count.value, self.last.value, self.iterations.value,
+            self.config,
+        )
+        for shadow, value in zip(self.shadows, new):
+            shadow.assign(value)
+        self.count.assign(count)
+        self.last.assign(last)
+
+    def __call__(self):
+        self.update()
+
+    def flush(self):
+        """Brings pending updates into the shadow variables."""
+        self.update()
+        if self.backend == "jax" and self._arrays is not None:
+            shadows, count, last = self._arrays
+            for shadow, value in zip(self.shadows, shadows):
+                shadow.assign(value)
+            self.count.assign(count)
+            self.last.assign(last)
+            self._arrays = None

@@ -1,0 +1,277 @@
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+
+from kreg.callbacks import EarlyStopping
+from kreg.testing import TestCase
+
+
+def tiny_model(metrics=()):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse",
+                  metrics=list(metrics))
+    return model
+
+
+def drive(callback, model, values, monitor="val_loss"):
+    """Runs the callback's hooks with synthetic logs; returns epochs run."""
+    callback.set_model(model)
+    model.stop_training = False
+    callback.on_train_begin()
+    run = 0
+    for epoch, value in enumerate(values):
+        # Mark the weights with the epoch so restoring can be checked.
+        model.set_weights([np.full_like(w, epoch) for w in model.get_weights()])
+        callback.on_epoch_end(epoch, {monitor: value, "other": 0.0})
+        run += 1
+        if model.stop_training:
+            break
+    callback.on_train_end()
+    return run
+
+
+SEQUENCES = [
+    [1.0, 0.9, 0.8, 0.85, 0.86, 0.87, 0.7, 0.9],
+    [1.0, 1.0, 1.0, 1.0, 1.0],
+    [0.5, 0.6, 0.4, 0.41, 0.399, 0.398, 0.5, 0.6, 0.7],
+    [3.0, 2.0, 1.0, 0.5, 0.25],
+    [0.2, 0.3, 0.4, 0.1, 0.5, 0.6, 0.05, 0.7, 0.8, 0.9],
+]
+SETTINGS = [
+    dict(),
+    dict(patience=1),
+    dict(patience=2, min_delta=0.05),
+    dict(patience=2, min_delta=-0.05),  # |min_delta| as in Keras
+    dict(patience=1, baseline=0.45),
+    dict(patience=3, baseline=0.1),
+    dict(patience=1, start_from_epoch=2),
+    dict(patience=2, mode="max"),
+    dict(patience=0, mode="max", baseline=0.5),
+    dict(patience=2, restore_best_weights=True),
+    dict(patience=1, restore_best_weights=True, baseline=0.45),
+    dict(patience=1, restore_best_weights=True, start_from_epoch=3),
+]
+
+
+class SyntheticLogsTest(TestCase):
+    """Same decisions as keras.callbacks.EarlyStopping on the same logs."""
+
+    def test_matches_keras_builtin(self):
+        for values in SEQUENCES:
+            for settings in SETTINGS:
+                with self.subTest(values=values, settings=settings):
+                    keras_cb = keras.callbacks.EarlyStopping(**settings)
+                    ours = EarlyStopping(**settings)
+                    model = tiny_model()
+                    run_keras = drive(keras_cb, model, values)
+                    keras_weights = model.get_weights()
+                    run_ours = drive(ours, model, values)
+                    self.assertEqual(run_ours, run_keras)
+                    self.assertEqual(ours.stopped_epoch, keras_cb.stopped_epoch)
+                    self.assertEqual(ours.best, keras_cb.best)
+                    self.assertEqual(ours.wait, keras_cb.wait)
+                    self.assertEqual(ours.best_epoch, keras_cb.best_epoch)
+                    for a, b in zip(model.get_weights(), keras_weights):
+                        self.assertAllEqual(a, b)
+
+    def test_hand_computed_min_mode(self):
+        # Best 0.8 at epoch 2; epochs 3, 4 do not improve: stop at 4.
+        cb = EarlyStopping(patience=2)
+        run = drive(cb, tiny_model(), [1.0, 0.9, 0.8, 0.85, 0.86, 0.1])
+        self.assertEqual(run, 5)
+        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch), (2, 0.8, 4))
+
+    def test_hand_computed_max_mode_min_delta(self):
+        # Improvements must exceed 0.1: 0.55 (ep 1) and 0.58 (ep 2) do not.
+        cb = EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.1)
+        run = drive(cb, tiny_model(), [0.5, 0.55, 0.58, 0.9], "val_accuracy")
+        self.assertEqual(run, 3)
+        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch), (0, 0.5, 2))
+
+    def test_baseline_never_beaten_restores_best_of_patience_window(self):
+        cb = EarlyStopping(patience=3, baseline=0.1, restore_best_weights=True)
+        model = tiny_model()
+        run = drive(cb, model, [0.5, 0.3, 0.4, 0.6, 0.0])
+        self.assertEqual(run, 3)
+        self.assertEqual(cb.best_epoch, 1)
+        self.assertAllEqual(model.get_weights()[0], np.ones((3, 1)))
+
+    def test_start_from_epoch_ignores_warmup(self):
+        cb = EarlyStopping(patience=0, start_from_epoch=3)
+        run = drive(cb, tiny_model(), [0.1, 0.5, 0.9, 1.0, 1.1, 1.2])
+        self.assertEqual((run, cb.best_epoch, cb.stopped_epoch), (5, 3, 4))
+
+    def test_restore_when_epochs_run_out(self):
+        cb = EarlyStopping(patience=10, restore_best_weights=True)
+        model = tiny_model()
+        run = drive(cb, model, [0.9, 0.3, 0.5, 0.6])
+        self.assertEqual((run, cb.stopped_epoch, cb.best_epoch), (4, 0, 1))
+        self.assertAllEqual(model.get_weights()[0], np.ones((3, 1)))
+
+    def test_auto_mode_directions(self):
+        model = tiny_model(metrics=["accuracy", "mae"])
+        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), verbose=0)
+        up = EarlyStopping(monitor="val_accuracy", patience=0)
+        drive(up, model, [0.1, 0.2, 0.3], "val_accuracy")
+        self.assertEqual(up.best, 0.3)
+        down = EarlyStopping(monitor="val_mae", patience=0)
+        drive(down, model, [0.3, 0.2, 0.1], "val_mae")
+        self.assertEqual(down.best, 0.1)
+        unknown = EarlyStopping(monitor="val_mystery")
+        with self.assertRaisesRegex(ValueError, "mode='max'"):
+            drive(unknown, model, [0.3], "val_mystery")
+
+    def test_missing_monitor_warns(self):
+        cb = EarlyStopping(monitor="val_nothing")
+        with pytest.warns(UserWarning, match="val_nothing"):
+            run = drive(cb, tiny_model(), [0.5, 0.4], monitor="val_loss")
+        self.assertEqual((run, cb.best_epoch, cb.best), (2, None, None))
+
+    def test_state_round_trip(self):
+        cb = EarlyStopping(patience=3, restore_best_weights=True)
+        drive(cb, tiny_model(), [0.5, 0.4, 0.45])
+        other = EarlyStopping(patience=3, restore_best_weights=True)
+        other.set_state(cb.get_state())
+        self.assertEqual(other.get_state()["best_epoch"], 1)
+        self.assertEqual(other.wait, cb.wait)
+        self.assertAllEqual(other.best_weights[0], cb.best_weights[0])
+
+    def test_bad_arguments(self):
+        cases = [
+            (dict(patience=-1), ValueError, "patience=-1"),
+            (dict(patience=1.5), TypeError, "patience=1.5"),
+            (dict(mode="up"), ValueError, "mode='up'"),
+            (dict(min_delta="x"), TypeError, "min_delta='x'"),
+            (dict(baseline="x"), TypeError, "baseline='x'"),
+            (dict(restore_best_weights=1), TypeError,
+             "restore_best_weights=1"),
+            (dict(start_from_epoch=-2), ValueError, "start_from_epoch=-2"),
+            (dict(monitor=3), TypeError, "monitor=3"),
+        ]
+        for kwargs, error, text in cases:
+            with self.subTest(kwargs=kwargs):
+                with self.assertRaisesRegex(error, text):
+                    EarlyStopping(**kwargs)
+
+    def test_config_round_trip(self):
+        cb = EarlyStopping(monitor="val_mae", patience=4, baseline=0.5,
+                           restore_best_weights=True, start_from_epoch=2)
+        self.run_config_round_trip(cb)
+
+
+def regression_data(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3 * rng.normal(size=(n, 1)))
+    return x, y.astype("float32")
+
+
+class RecordWeights(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+class FitTest(TestCase):
+    def setUp(self):
+        super().setUp()
+        self.x, self.y = regression_data()
+        # A validation set whose loss goes down then up (overfitting-like):
+        # targets shifted away from the training relation.
+        self.xv, _ = regression_data(32, seed=1)
+        self.yv = (self.xv @ np.array([[0.7], [-1.4], [0.35]])).astype("float32")
+
+    def model(self, jit=False):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse",
+                      jit_compile=jit and self.jit_compile_setting())
+        return model
+
+    def fit(self, model, callbacks, epochs=30):
+        return model.fit(self.x, self.y, batch_size=16, epochs=epochs,
+                         shuffle=False, verbose=0, callbacks=callbacks,
+                         validation_data=(self.xv, self.yv))
+
+    def test_same_stop_as_keras_and_restores_best(self):
+        keras_cb = keras.callbacks.EarlyStopping(patience=2)
+        ref = self.fit(self.model(jit=True), [keras_cb])
+        record = RecordWeights()
+        cb = EarlyStopping(patience=2, restore_best_weights=True)
+        model = self.model()
+        history = self.fit(model, [cb, record])
+        val = history.history["val_loss"]
+        self.assertLess(len(val), 30, "should stop early")
+        self.assertEqual(cb.stopped_epoch, keras_cb.stopped_epoch)
+        self.assertEqual(cb.best_epoch, int(np.argmin(val)))
+        self.assertAllClose(cb.best, min(val))
+        self.assertAllClose(ref.history["val_loss"], val, atol=1e-6)
+        for a, b in zip(model.get_weights(), record.weights[cb.best_epoch]):
+            self.assertAllClose(a, b)
+        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+                            min(val), rtol=1e-5)
+
+    def test_restore_when_running_out_and_reuse(self):
+        cb = EarlyStopping(patience=100, restore_best_weights=True)
+        record = RecordWeights()
+        model = self.model()
+        history = self.fit(model, [cb, record], epochs=12)
+        val = history.history["val_loss"]
+        self.assertEqual(len(val), 12)
+        self.assertEqual(cb.stopped_epoch, 0)
+        self.assertEqual(cb.best_epoch, int(np.argmin(val)))
+        self.assertLess(cb.best_epoch, 11)
+        for a, b in zip(model.get_weights(), record.weights[cb.best_epoch]):
+            self.assertAllClose(a, b)
+        # A second fit starts afresh.
+        history = self.fit(model, [cb], epochs=3)
+        self.assertEqual(cb.best_epoch,
+                         int(np.argmin(history.history["val_loss"])))
+
+    def test_resume_after_interruption_gives_same_result(self):
+        full = EarlyStopping(patience=2, restore_best_weights=True)
+        model = self.model()
+        ref = self.fit(model, [full])
+        stop = full.stopped_epoch
+        self.assertGreater(stop, 3)
+        ref_weights = model.get_weights()
+        with tempfile.TemporaryDirectory() as folder:
+            backup = os.path.join(folder, "backup")
+            # Interrupt after the best epoch so that the best weights and
+            # the wait counter must come back from the backup.
+            cut = stop - 1
+            model = self.model()
+            first = EarlyStopping(patience=2, restore_best_weights=True,
+                                  backup_dir=backup)
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.fit(model, [keras.callbacks.BackupAndRestore(backup),
+                                 first, Interrupt(cut)])
+            model = self.model()
+            second = EarlyStopping(patience=2, restore_best_weights=True,
+                                   backup_dir=backup)
+            history = self.fit(
+                model, [keras.callbacks.BackupAndRestore(backup), second]
+            )
+            self.assertFalse(os.path.exists(
+                os.path.join(backup, "kreg_early_stopping.json")))
+        self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
+        self.assertEqual(second.stopped_epoch, full.stopped_epoch)
+        self.assertEqual(second.best_epoch, full.best_epoch)
+        self.assertAllClose(second.best, full.best, rtol=1e-6)
+        for a, b in zip(model.get_weights(), ref_weights):
+            self.assertAllClose(a, b, atol=1e-6)

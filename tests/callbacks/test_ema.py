@@ -1,0 +1,213 @@
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+from kreg.callbacks import EMA, EarlyStopping
+from kreg.testing import TestCase
+
+
+def data(n=48, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(4, 2)))).astype("float32")
+    return x, y
+
+
+class RecordBatchWeights(keras.callbacks.Callback):
+    """Trainable weights after every batch (syncing JAX's state first)."""
+
+    def on_train_begin(self, logs=None):
+        self.initial = [np.array(v) for v in self._trainable()]
+        self.after_batch = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after_batch.append([np.array(v) for v in self._trainable()])
+
+    def _trainable(self):
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        return [keras.ops.convert_to_numpy(v.value)
+                for v in self.model.trainable_variables]
+
+
+def numpy_ema(initial, trajectory, decay, warmup_power=None):
+    shadow = [w.astype("float64") for w in initial]
+    for t, weights in enumerate(trajectory, start=1):
+        d = decay
+        if warmup_power is not None:
+            d = min(decay, 1.0 - t ** (-warmup_power))
+        shadow = [d * s + (1 - d) * w for s, w in zip(shadow, weights)]
+    return shadow
+
+
+class EMATest(TestCase):
+    def setUp(self):
+        super().setUp()
+        self.x, self.y = data()
+        self.xv, self.yv = data(16, seed=1)
+
+    def model(self, seed=5, bn=False, jit=False):
+        keras.utils.set_random_seed(seed)
+        layers = [keras.Input((4,)), keras.layers.Dense(8, activation="tanh")]
+        if bn:
+            layers.append(keras.layers.BatchNormalization(momentum=0.5))
+        layers.append(keras.layers.Dense(2))
+        model = keras.Sequential(layers)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                      loss="mse", jit_compile=jit and self.jit_compile_setting())
+        return model
+
+    def fit(self, model, callbacks, epochs=3, validation=True, **kwargs):
+        return model.fit(
+            self.x, self.y, batch_size=8, epochs=epochs, shuffle=False,
+            verbose=0, callbacks=callbacks,
+            validation_data=(self.xv, self.yv) if validation else None,
+            **kwargs,
+        )
+
+    def test_matches_numpy_trajectory(self):
+        for warmup in (False, True):
+            with self.subTest(warmup=warmup):
+                model = self.model(jit=True)
+                record = RecordBatchWeights()
+                ema = EMA(decay=0.8, warmup=warmup, keep_averaged=False)
+                self.fit(model, [record, ema])
+                self.assertEqual(len(record.after_batch), 18)
+                self.assertEqual(ema.steps, 18)
+                expected = numpy_ema(record.initial, record.after_batch, 0.8,
+                                     2.0 / 3.0 if warmup else None)
+                for s, e in zip(ema.shadow_variables, expected):
+                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+                # keep_averaged=False: the raw weights stay in the model.
+                for w, raw in zip(model.trainable_variables,
+                                  record.after_batch[-1]):
+                    self.assertAllClose(w, raw)
+
+    def test_validation_uses_averaged_weights_and_kept_at_end(self):
+        model = self.model()
+        ema = EMA(decay=0.9)
+        history = self.fit(model, [ema], epochs=2)
+        # The model now holds the averaged weights: its loss is the
+        # validation loss logged after the last epoch.
+        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+                            history.history["val_loss"][-1], rtol=1e-5)
+        with ema.raw_weights():
+            raw_loss = model.evaluate(self.xv, self.yv, verbose=0)
+        self.assertNotAlmostEqual(raw_loss, history.history["val_loss"][-1],
+                                  places=4)
+        # Not validating with averages: logs describe the raw weights.
+        model = self.model()
+        ema = EMA(decay=0.9, validate_with_averaged=False, keep_averaged=False)
+        history = self.fit(model, [ema], epochs=2)
+        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+                            history.history["val_loss"][-1], rtol=1e-5)
+
+    def test_swap_in_out_exact_and_nothing_left_after_predict(self):
+        model = self.model()
+        ema = EMA(decay=0.9, keep_averaged=False)
+        self.fit(model, [ema], validation=False)
+        raw = [self.to_numpy(v) for v in model.trainable_variables]
+        averaged = [self.to_numpy(s) for s in ema.shadow_variables]
+        with ema.averaged_weights():
+            for v, a in zip(model.trainable_variables, averaged):
+                self.assertAllEqual(v, a)
+            inside = model.predict(self.xv, verbose=0)
+        for v, r in zip(model.trainable_variables, raw):
+            self.assertAllEqual(v, r)
+        # As a predict/evaluate callback: averaged inside, raw after.
+        self.assertAllClose(model.predict(self.xv, verbose=0,
+                                          callbacks=[ema]), inside)
+        model.evaluate(self.xv, self.yv, verbose=0, callbacks=[ema])
+        for v, r in zip(model.trainable_variables, raw):
+            self.assertAllEqual(v, r)
+
+    def test_batch_norm_statistics_choice(self):
+        for average in (False, True):
+            with self.subTest(average_non_trainable=average):
+                model = self.model(bn=True)
+                ema = EMA(decay=0.5, average_non_trainable=average,
+                          keep_averaged=False)
+                self.fit(model, [ema], validation=False)
+                stats = list(model.non_trainable_variables)
+                current = [self.to_numpy(v) for v in stats]
+                with ema.averaged_weights():
+                    swapped = [self.to_numpy(v) for v in stats]
+                same = all(np.array_equal(a, b)
+                           for a, b in zip(current, swapped))
+                self.assertEqual(same, not average)
+
+    def test_early_stopping_restores_best_averaged_weights(self):
+        stop = EarlyStopping(patience=1, restore_best_weights=True)
+        ema = EMA(decay=0.7)
+        # EMA listed first and last: both orders must keep the best weights.
+        for callbacks in ([ema, stop], [stop, ema]):
+            with self.subTest(order=[type(c).__name__ for c in callbacks]):
+                model = self.model()
+                # Validation targets of the opposite sign: the validation
+                # loss soon rises, so training stops early.
+                history = model.fit(
+                    self.x, self.y, batch_size=8, epochs=8, shuffle=False,
+                    verbose=0, callbacks=callbacks,
+                    validation_data=(self.xv, -self.yv),
+                )
+                best = min(history.history["val_loss"])
+                self.assertAllClose(stop.best, best)
+                self.assertAllClose(
+                    model.evaluate(self.xv, -self.yv, verbose=0), best,
+                    rtol=1e-5,
+                )
+
+    def test_reuse_restarts_from_current_weights(self):
+        model = self.model()
+        ema = EMA(decay=0.9)
+        self.fit(model, [ema], epochs=1, validation=False)
+        record = RecordBatchWeights()
+        ema.keep_averaged = False
+        self.fit(model, [record, ema], epochs=1, validation=False)
+        expected = numpy_ema(record.initial, record.after_batch, 0.9)
+        self.assertEqual(ema.steps, 6)
+        for s, e in zip(ema.shadow_variables, expected):
+            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+
+    def test_resume_after_interruption(self):
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 2:
+                    raise RuntimeError("interrupted")
+
+        model = self.model()
+        full = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [full], epochs=4, validation=False)
+        with tempfile.TemporaryDirectory() as folder:
+            backup = os.path.join(folder, "backup")
+            model = self.model()
+            first = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.fit(model, [keras.callbacks.BackupAndRestore(backup),
+                                 first, Interrupt()], epochs=4,
+                         validation=False)
+            model = self.model()
+            second = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)
+            self.fit(model, [keras.callbacks.BackupAndRestore(backup),
+                             second], epochs=4, validation=False)
+        self.assertEqual(second.steps, full.steps)
+        for a, b in zip(second.shadow_variables, full.shadow_variables):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_bad_arguments_and_config(self):
+        for kwargs, error, text in [
+            (dict(decay=1.0), ValueError, "decay=1.0"),
+            (dict(decay=-0.1), ValueError, "decay=-0.1"),
+            (dict(decay="x"), TypeError, "decay='x'"),
+            (dict(warmup=1), TypeError, "warmup=1"),
+            (dict(warmup_power=0), ValueError, "warmup_power=0"),
+            (dict(keep_averaged=None), TypeError, "keep_averaged=None"),
+        ]:
+            with self.subTest(kwargs=kwargs):
+                with self.assertRaisesRegex(error, text):
+                    EMA(**kwargs)
+        with self.assertRaisesRegex(ValueError, "pass it to `model.fit`"):
+            EMA().swap_in()
+        self.run_config_round_trip(EMA(decay=0.9, warmup=True))
