@@ -1,5 +1,15 @@
-"""kreg.callbacks: `model.fit` callbacks (early stopping, weight averaging)."""
+"""kreg.callbacks: `model.fit` callbacks.
+
+- `EarlyStopping`: Keras's rule plus `best_epoch`, `best`, `stopped_epoch`,
+  restore on run-out, resumable state.
+- `EMA`: exponential moving average of the weights,
+  ``s_t = decay * s_{t-1} + (1 - decay) * w_t``.
+- `RetrainOnFullData`: after early stopping, train again on all the data
+  (Goodfellow et al., algorithms 7.2 and 7.3).
+"""
 
 from kreg.callbacks.early_stopping import EarlyStopping
 from kreg.callbacks.ema import EMA
 from kreg.callbacks.retrain_on_full_data import RetrainOnFullData
+
+__all__ = ["EMA", "EarlyStopping", "RetrainOnFullData"]
