@@ -88,7 +88,8 @@ class LabelSmoothingCrossentropy(keras.losses.Loss):
     Example:
         >>> model.compile(
         ...     optimizer="adam",
-        ...     loss=kreg.losses.LabelSmoothingCrossentropy(0.1, from_logits=True))
+        ...     loss=kreg.losses.LabelSmoothingCrossentropy(
+        ...         0.1, from_logits=True))
         >>> model.fit(x, integer_labels)
 
     Reference:

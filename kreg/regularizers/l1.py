@@ -19,7 +19,8 @@ class L1(keras.regularizers.Regularizer):
         l1: float >= 0, the penalty strength. Defaults to ``0.01``.
 
     Example:
-        >>> layer = keras.layers.Dense(3, kernel_regularizer=kreg.regularizers.L1(1e-4))
+        >>> layer = keras.layers.Dense(
+        ...     3, kernel_regularizer=kreg.regularizers.L1(1e-4))
 
     Reference:
         Goodfellow, Bengio & Courville, "Deep Learning", MIT Press 2016,

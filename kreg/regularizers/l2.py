@@ -20,7 +20,8 @@ class L2(keras.regularizers.Regularizer):
         l2: float >= 0, the penalty strength ``alpha``. Defaults to ``0.01``.
 
     Example:
-        >>> layer = keras.layers.Dense(3, kernel_regularizer=kreg.regularizers.L2(1e-4))
+        >>> layer = keras.layers.Dense(
+        ...     3, kernel_regularizer=kreg.regularizers.L2(1e-4))
 
     Reference:
         Goodfellow, Bengio & Courville, "Deep Learning", MIT Press 2016,

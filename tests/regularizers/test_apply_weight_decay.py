@@ -114,7 +114,6 @@ class ApplyWeightDecayTest(TestCase):
         self.assertIsNone(reloaded.get_layer("conv").bias_regularizer)
 
     def test_applied_to_a_loaded_pretrained_model(self):
-        x, y = data()
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "pretrained.keras")
             make_model().save(path)
