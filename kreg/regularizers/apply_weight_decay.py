@@ -73,9 +73,13 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
     ``kernel_regularizer`` (``depthwise_regularizer``, ...) attribute, so that
     the layer's config records it and it survives
     ``model.save(...)`` / ``keras.models.load_model(...)`` for Functional and
-    Sequential models. (A subclassed model or a layer that rebuilds its
-    sublayers from its own config, such as `MultiHeadAttention`, only keeps
-    what its own config holds.)
+    Sequential models, including recurrent cells (`LSTM`, `GRU`). Known
+    limit: a subclassed model, or a composite layer that rebuilds its
+    sublayers from its own config (e.g. `MultiHeadAttention`), only keeps
+    what its own config holds, so there the penalty is active but lost on
+    reload, without a warning; call `apply_weight_decay` again after
+    loading. A layer with a kernel but no ``*_regularizer`` attribute gets
+    the penalty and a warning that it will not be saved.
 
     Call it before ``compile``/``fit``; if the model was already trained, the
     cached train and test functions are reset so the next ``fit`` includes
