@@ -1,6 +1,21 @@
-"""kreg.losses: filled by a later issue (see README.md, "Status").
+"""kreg.losses: the lecture's label smoothing and a loss that uses it.
 
-Nothing is exported yet; importing this module is safe and gives no objects.
+- `smooth_labels(y, epsilon, num_classes=None)`: targets ``1 - epsilon`` for
+  the true class and ``epsilon / (k - 1)`` for the others (not Keras's
+  ``epsilon / k``), from one-hot or integer labels.
+- `LabelSmoothingCrossentropy(epsilon, from_logits)` and its function form
+  `label_smoothing_crossentropy`: cross-entropy against those targets,
+  accepting one-hot or integer labels.
 """
 
-__all__ = []
+from kreg.losses.label_smoothing_crossentropy import LabelSmoothingCrossentropy
+from kreg.losses.label_smoothing_crossentropy import (
+    label_smoothing_crossentropy,
+)
+from kreg.losses.smooth_labels import smooth_labels
+
+__all__ = [
+    "LabelSmoothingCrossentropy",
+    "label_smoothing_crossentropy",
+    "smooth_labels",
+]

@@ -1,0 +1,114 @@
+"""Helpers shared by kreg.regularizers (not public API).
+
+- `check_strength`: a finite float >= 0.
+- `walk_variables`: every trainable variable of a model or layer, with the
+  layer that owns it and the chain of layers above it.
+- `attach`: puts a regularizer on a variable and, where the owning layer has
+  the matching ``<name>_regularizer`` attribute, on that attribute as well,
+  so that the layer's config (and thus ``model.save``) records it.
+"""
+
+import keras
+
+from kreg.utils.validation import check_number
+
+# Variable name -> the layer attributes that hold its regularizer, in the
+# order tried (Keras names them so in its built-in layers).
+_REGULARIZER_ATTRIBUTES = {
+    "kernel": ("kernel_regularizer", "depthwise_regularizer"),
+    "depthwise_kernel": ("depthwise_regularizer",),
+    "pointwise_kernel": ("pointwise_regularizer",),
+    "recurrent_kernel": ("recurrent_regularizer",),
+    "embeddings": ("embeddings_regularizer",),
+}
+
+# Weights that multiply the inputs (never biases nor normalization scales).
+KERNEL_NAMES = tuple(_REGULARIZER_ATTRIBUTES)
+
+
+def check_strength(name, value):
+    """Returns a finite penalty strength >= 0 as a float."""
+    return check_number(name, value, 0.0, float("inf"), True, False)
+
+
+def _children(layer):
+    found = []
+    if isinstance(layer, keras.Model):
+        try:
+            found.extend(layer.layers)
+        except (AttributeError, ValueError):
+            pass
+    for value in vars(layer).values():
+        if isinstance(value, keras.layers.Layer):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, keras.layers.Layer))
+        elif isinstance(value, dict):
+            found.extend(
+                v for v in value.values() if isinstance(v, keras.layers.Layer)
+            )
+    return found
+
+
+def walk_layers(root):
+    """Yields ``(layer, chain)`` depth first, parents before children.
+
+    ``chain`` is the tuple of layers from ``root`` down to ``layer``.
+    """
+    seen = set()
+    stack = [(root, (root,))]
+    while stack:
+        layer, chain = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer, chain
+        for child in reversed(_children(layer)):
+            if id(child) not in seen:
+                stack.append((child, chain + (child,)))
+
+
+def walk_variables(root):
+    """Returns ``[(variable, owner, chain)]`` for the trainable variables.
+
+    The owner is the deepest layer holding the variable; the order is that
+    of ``root.trainable_weights``.
+    """
+    owners = {}
+    for layer, chain in walk_layers(root):
+        weights = layer.trainable_weights
+        # The owner is the smallest layer holding the variable (the deeper
+        # one on a tie, e.g. a wrapper and the layer it wraps).
+        rank = (len(weights), -len(chain))
+        for variable in weights:
+            best = owners.get(id(variable))
+            if best is None or rank < best[0]:
+                owners[id(variable)] = (rank, layer, chain)
+    result = []
+    for variable in root.trainable_weights:
+        _, layer, chain = owners.get(id(variable), (None, root, (root,)))
+        result.append((variable, layer, chain))
+    return result
+
+
+def short_name(variable):
+    """The variable's own name (``"kernel"`` for ``"dense/kernel"``)."""
+    return variable.name.split("/")[-1]
+
+
+def attach(variable, owner, regularizer):
+    """Sets the regularizer on the variable and on the owner's attribute.
+
+    Returns whether a layer attribute (so the layer's config) recorded it.
+    """
+    variable.regularizer = regularizer
+    name = short_name(variable)
+    candidates = _REGULARIZER_ATTRIBUTES.get(name, (f"{name}_regularizer",))
+    for attribute in candidates:
+        if hasattr(owner, attribute):
+            try:
+                setattr(owner, attribute, regularizer)
+            except AttributeError:  # a read-only property
+                continue
+            return True
+    return False
