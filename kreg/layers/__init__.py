@@ -1,4 +1,4 @@
-"""kreg.layers: batch normalization, dropout and Gaussian noise.
+"""kreg.layers: batch normalization, dropout, Gaussian noise, weight noise.
 
 Each layer is a drop-in for the Keras layer of the same name; see each
 class's docstring for the formula and where it differs from Keras.
@@ -8,5 +8,12 @@ from kreg.layers.batch_normalization import BatchNormalization
 from kreg.layers.dropout import Dropout
 from kreg.layers.gaussian_noise import GaussianNoise
 from kreg.layers.mc_predict import mc_predict
+from kreg.layers.weight_noise import WeightNoise
 
-__all__ = ["BatchNormalization", "Dropout", "GaussianNoise", "mc_predict"]
+__all__ = [
+    "BatchNormalization",
+    "Dropout",
+    "GaussianNoise",
+    "WeightNoise",
+    "mc_predict",
+]
