@@ -2,6 +2,7 @@
 
 import numbers
 
+import keras
 import numpy as np
 
 from kreg.layers.dropout import Dropout
@@ -19,9 +20,10 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
 
     Args:
         model: a built `keras.Model`.
-        x: inputs, anything `model.predict` accepts.
+        x: inputs: an array, or a list/dict of arrays for several inputs.
         num_samples: int >= 2, the number of passes T. Defaults to ``20``.
-        batch_size: passed to `model.predict`. Defaults to ``None``.
+        batch_size: number of examples per forward call; ``None`` runs all
+            of `x` as one batch. Defaults to ``None``.
 
     Returns:
         A tuple ``(mean, std)`` of NumPy arrays with the shape of one
@@ -51,12 +53,25 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
             f"pass is identical. Received: model={model.name!r}"
         )
     samples = np.stack(
-        [
-            np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
-            for _ in range(num_samples)
-        ]
+        [_one_pass(model, x, batch_size) for _ in range(num_samples)]
     )
     return samples.mean(axis=0), samples.std(axis=0)
+
+
+def _one_pass(model, x, batch_size):
+    """One stochastic pass with the compiled predict step (no data pipeline:
+    `model.predict` would build one per pass)."""
+    count = len(keras.tree.flatten(x)[0])
+    step = count if batch_size is None else int(batch_size)
+    chunks = [
+        keras.tree.map_structure(lambda a: a[start:start + step], x)
+        for start in range(0, count, step)
+    ]
+    outputs = [
+        keras.ops.convert_to_numpy(model.predict_on_batch(chunk))
+        for chunk in chunks
+    ]
+    return np.concatenate(outputs, axis=0)
 
 
 def _all_layers(model):

@@ -138,6 +138,10 @@ class McPredictTest(TestCase):
         deterministic = self.to_numpy(model.layers[0](x))
         self.assertAllClose(mean, deterministic, atol=0.35)
         self.assertGreater(float(std.mean()), 0.0)
+        # In chunks of 3 rows: same shapes, every row still stochastic.
+        mean, std = mc_predict(model, x, num_samples=5, batch_size=3)
+        self.assertEqual(mean.shape, (8, 10))
+        self.assertTrue(np.all(std.max(axis=1) > 0.0))
 
     def test_needs_an_mc_dropout_layer_and_enough_samples(self):
         model = keras.Sequential([keras.Input((3,)), Dropout(0.5)])
