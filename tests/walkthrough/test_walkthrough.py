@@ -1,0 +1,64 @@
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from kreg.walkthrough.__main__ import EXPERIMENTS  # noqa: E402
+from kreg.walkthrough.__main__ import main  # noqa: E402
+from kreg.walkthrough.__main__ import parse_args  # noqa: E402
+
+
+class QuickRunTest(unittest.TestCase):
+    def test_quick_run_writes_tables_and_non_empty_plots(self):
+        import matplotlib.image
+
+        with tempfile.TemporaryDirectory() as folder:
+            written = main(["--quick", "--seeds", "1", "--output", folder])
+            self.assertEqual([e.key for e, _ in written], list(EXPERIMENTS))
+            with open(os.path.join(folder, "results.md")) as f:
+                markdown = f.read()
+            for experiment, plots in written:
+                self.assertIn(f"## {experiment.title}", markdown)
+                for arm in experiment.arms:
+                    self.assertIn(f"| {arm.name} |", markdown)
+                self.assertTrue(plots)
+                for name in plots:
+                    self.assertIn(f"]({name})", markdown)
+                    image = matplotlib.image.imread(os.path.join(folder, name))
+                    self.assertGreater(image.shape[0], 100)
+                    self.assertGreater(image.shape[1], 100)
+                    # Not a blank canvas: many distinct pixel values.
+                    self.assertGreater(
+                        len(np.unique(image.reshape(-1, image.shape[-1]),
+                                      axis=0)), 20
+                    )
+            results = {e.key: e for e, _ in written}
+        # Every arm ran once and produced a finite accuracy in [0, 1].
+        for experiment in results.values():
+            self.assertEqual(len(experiment.results), len(experiment.arms))
+            for run in experiment.results:
+                self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
+        # The vanishing-gradient arm shows it: first layer << output layer.
+        norms = {r.arm: r.extras["layer_norms"]
+                 for r in results["gradients"].results if r.extras}
+        vanishing = norms["sigmoid, N(0, 0.01^2) init"]
+        self.assertLess(vanishing[0], 1e-3 * vanishing[-1])
+        lecture = norms["ReLU, 1/sqrt(n_in) init (lecture)"]
+        self.assertGreater(lecture[0], 1e-2 * lecture[-1])
+
+
+class ArgumentsTest(unittest.TestCase):
+    def test_defaults_and_errors(self):
+        args = parse_args([])
+        self.assertEqual(args.seeds, 3)
+        self.assertEqual(args.experiments, list(EXPERIMENTS))
+        self.assertEqual(parse_args(["--quick"]).seeds, 2)
+        with self.assertRaises(SystemExit):
+            parse_args(["--experiments", "nope"])
+        with self.assertRaises(SystemExit):
+            parse_args(["--seeds", "0"])
