@@ -460,7 +460,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         inner_values = optimizer_variables[own_count:]
         grads = list(grads)
 
-        mapping = list(zip(self._variables, own_values))
+        # Inner variables are mapped too: an inner LossScaleOptimizer's
+        # scale is read for unscaling.
+        mapping = list(zip(self.variables, optimizer_variables))
         with keras.StatelessScope(state_mapping=mapping) as scope:
             clipped, statistics = self._transform(grads, trainable_values)
             finite = statistics["finite"]
