@@ -53,7 +53,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
     Gradient health, kept as (non-trainable) optimizer variables and
     readable after any step: `grad_norm` (the pre-clip global norm `G` of the
-    last step), `clipped_steps` (steps in which any clipping stage changed a
+    last step), `grad_norm_sum` (their sum over the applied steps, for
+    means), `seen_steps` (steps whose gradients reached the wrapper; an
+    outer `LossScaleOptimizer` holds back its overflow steps),
+    `clipped_steps` (steps in which any clipping stage changed a
     gradient), `skipped_steps` (steps skipped for non-finite gradients) and
     `variable_grad_norms` (the pre-clip norm of each variable's gradient).
     `kreg.callbacks.GradientMonitor` puts them into the `fit` logs (History,
@@ -153,6 +156,14 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             shape=(len(var_list),), dtype="float32",
             aggregation="only_first_replica", name="variable_grad_norms",
         )
+        self._grad_norm_sum = self.add_variable(
+            shape=(), dtype="float32", aggregation="only_first_replica",
+            name="grad_norm_sum",
+        )
+        self._seen_steps = self.add_variable(
+            shape=(), dtype="int32", aggregation="only_first_replica",
+            name="seen_steps",
+        )
         self._clipped_steps = self.add_variable(
             shape=(), dtype="int32", aggregation="only_first_replica",
             name="clipped_steps",
@@ -195,6 +206,16 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def variable_grad_norms(self):
         """Pre-clip norm of each trainable variable's gradient, last step."""
         return self._variable_grad_norms
+
+    @property
+    def grad_norm_sum(self):
+        """Sum of the pre-clip global norms of all applied steps."""
+        return self._grad_norm_sum
+
+    @property
+    def seen_steps(self):
+        """Number of steps whose gradients reached this wrapper."""
+        return self._seen_steps
 
     @property
     def clipped_steps(self):
@@ -334,8 +355,12 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def _record(self, statistics, num_grads):
         finite = statistics["finite"]
         self._grad_norm.assign(statistics["norm"])
+        self._grad_norm_sum.assign_add(
+            ops.where(finite, statistics["norm"], 0.0)
+        )
         if num_grads == self._variable_grad_norms.shape[0]:
             self._variable_grad_norms.assign(statistics["norms"])
+        self._seen_steps.assign_add(ops.ones((), "int32"))
         self._clipped_steps.assign_add(
             ops.cast(ops.logical_and(statistics["clipped"], finite), "int32")
         )
