@@ -35,33 +35,35 @@ class GradientMonitor(keras.callbacks.Callback):
     model must be compiled with one - `ClippedOptimizer(Adam())` without any
     clipping argument only measures (and skips non-finite steps).
 
-    Logs (seen by History, TensorBoard, and callbacks listed after this one):
+    Epoch logs (seen by History, TensorBoard, and callbacks listed after
+    this one): `grad_norm`, the mean pre-clip global gradient norm
+    `G = sqrt(sum_i ||g_i||^2)` over the epoch's applied steps;
+    `clipped_steps` and `skipped_steps`, how many steps of the epoch were
+    clipped or skipped (non-finite gradients). No batch-level logs: writing
+    them needs `on_train_batch_end`, which makes Keras synchronise with the
+    device after every step.
 
-    - epoch logs: `grad_norm`, the mean pre-clip global gradient norm
-      `G = sqrt(sum_i ||g_i||^2)` over the epoch's applied steps;
-      `clipped_steps` and `skipped_steps`, how many steps of the epoch were
-      clipped or skipped (non-finite gradients);
-    - batch logs, every `frequency` batches: the last step's `grad_norm` and
-      the epoch's counts so far.
-
-    Every `frequency` batches it also computes the per-layer gradient norm
+    Every `frequency` batches and at the end of each epoch it also computes
+    the per-layer gradient norm
     `||g_layer|| = sqrt(sum over the layer's variables of ||g_v||^2)` and
     warns, naming the layer, when it is below `vanishing_threshold` (the
     vanishing-gradient problem), above `exploding_threshold` (exploding
     gradients) or non-finite; each layer is flagged once per epoch and kind.
     The last per-layer norms are in `layer_norms`, all sampled ones in
-    `history` (a list of `(epoch, batch, {layer: norm})`).
+    `history` (a list of `(epoch, batch, {layer: norm})`, batch `None` at
+    the end of an epoch).
 
     With `ClippedOptimizer(on_non_finite="raise")` this callback raises a
-    `FloatingPointError` at the end of a batch whose step was skipped: the
-    in-graph check cannot raise on TensorFlow with `jit_compile=True`.
+    `FloatingPointError` once a step was skipped (on TensorFlow checked at
+    the start of every next batch: the in-graph check cannot raise there
+    with `jit_compile=True`; elsewhere the optimizer raises itself).
 
     Put it before `TensorBoard` in the callback list so that TensorBoard
     sees the added logs (History always runs last).
 
     Args:
         frequency: positive int, the number of batches between two
-            per-layer samples (and batch-log entries). Defaults to `100`.
+            per-layer samples. Defaults to `100`.
         vanishing_threshold: non-negative float; a layer whose gradient norm
             is below it is flagged. Defaults to `1e-7`.
         exploding_threshold: positive float; a layer whose gradient norm is
@@ -155,6 +157,11 @@ class GradientMonitor(keras.callbacks.Callback):
         self._clipped = self._optimizer()
         self._layers = None
         self._batches_seen = 0
+        # XLA drops TensorFlow's in-graph assertion: check every batch.
+        self._check_every_batch = (
+            self._clipped.on_non_finite == "raise"
+            and keras.backend.backend() == "tensorflow"
+        )
         self._raises = self._clipped.on_non_finite == "raise"
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -163,28 +170,27 @@ class GradientMonitor(keras.callbacks.Callback):
         self._start = self._counters()
         self._flagged_this_epoch = set()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
+        # Sampling at the start of the next batch, not at the end of this
+        # one: overriding `on_train_batch_end` would make Keras hand over
+        # every step's logs synchronously (a device sync per step).
+        if batch == 0:
+            return  # the last step of the previous epoch was sampled
         self._batches_seen += 1
         sample = self._batches_seen % self.frequency == 0
-        check_raise = (
-            self._raises and keras.backend.backend() == "tensorflow"
-        )
-        if not (sample or check_raise):
+        if not (sample or self._check_every_batch):
             return
         self.model  # noqa: B018 (syncs JAX state before reading)
-        counters = self._counters()
-        self._check_skipped(counters)
-        if not sample or logs is None:
-            return
-        logs["grad_norm"] = float(_value(self._clipped.grad_norm))
-        logs["clipped_steps"] = counters[1] - self._start[1]
-        logs["skipped_steps"] = counters[2] - self._start[2]
-        self._sample_layers(batch)
+        self._check_skipped(self._counters())
+        if sample:
+            self._sample_layers(batch - 1)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._batches_seen += 1
         self.model  # noqa: B018 (syncs JAX state before reading)
         counters = self._counters()
         self._check_skipped(counters)
+        self._sample_layers(None)
         if logs is None:
             return
         clipped = counters[1] - self._start[1]
@@ -247,8 +253,12 @@ class GradientMonitor(keras.callbacks.Callback):
             self._flagged_this_epoch.add(key)
             self.flagged.append((self._epoch, batch, layer, kind, norm))
             if self.warn:
+                when = (
+                    f"at the end of epoch {self._epoch}" if batch is None
+                    else f"at epoch {self._epoch}, batch {batch}"
+                )
                 warnings.warn(
                     f"GradientMonitor: {kind} gradients in layer '{layer}' "
-                    f"({detail}) at epoch {self._epoch}, batch {batch}.",
+                    f"({detail}) {when}.",
                     stacklevel=2,
                 )

@@ -21,8 +21,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     with `jit_compile=True`). On every step it takes the gradients `g_i` of
     the trainable variables `w_i` and, in this order:
 
-    1. **Health check.** If any entry of any gradient is NaN or Inf, the step
-       is skipped: neither the weights nor the inner optimizer's state (its
+    1. **Health check.** If any entry of any gradient is NaN or Inf (or the
+       global norm is so large, > ~1.8e19, that its square overflows
+       float32), the step is skipped: neither the weights nor the inner optimizer's state (its
        moments, its `iterations`) change, and `skipped_steps` is incremented.
        With `on_non_finite="raise"` an error is raised instead.
     2. **Value clipping** (`clipvalue=c`): `g <- clip(g, -c, c)` entry-wise.
@@ -244,17 +245,21 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
         Returns:
             The clipped gradients (same structure, `None` kept) and a dict
-            with `finite` (bool scalar: every entry finite), `norm` (pre-clip
+            with `finite` (bool scalar: every entry finite and the squared
+            global norm representable in float32), `norm` (pre-clip
             global norm), `norms` (pre-clip norm per gradient, 0 for `None`)
             and `clipped` (bool scalar: some stage changed some gradient).
         """
         positions = [i for i, g in enumerate(grads) if g is not None]
         tensors = [grads[i] for i in positions]
         squares = [_sum_of_squares(g) for g in tensors]
-        norm = ops.sqrt(ops.sum(ops.stack(squares)))
-        finite = ops.all(
-            ops.stack([ops.all(ops.isfinite(g)) for g in tensors])
-        )
+        total_square = ops.sum(ops.stack(squares))
+        norm = ops.sqrt(total_square)
+        # NaN and Inf entries make the float32 sum of squares non-finite;
+        # so does a finite gradient whose norm exceeds ~1.8e19 (its square
+        # overflows): it counts as non-finite too. One pass over the
+        # gradients serves both the norm and the check.
+        finite = ops.isfinite(total_square)
         all_squares = [ops.zeros((), "float32")] * len(grads)
         for i, square in zip(positions, squares):
             all_squares[i] = square

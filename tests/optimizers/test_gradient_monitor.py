@@ -63,16 +63,8 @@ class GradientMonitorTest(TestCase):
         x, y = linear_data()
         x[20, 1] = np.inf  # second batch
         opt = ClippedOptimizer(keras.optimizers.SGD(0.0), clipnorm=1e6)
-        batch_logs = []
-        logger = keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda b, logs: batch_logs.append(dict(logs))
-        )
-        model = linear_model()
-        model.compile(optimizer=opt, loss="mse",
-                      jit_compile=self.jit_compile_setting())
-        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
-                            shuffle=False,
-                            callbacks=[GradientMonitor(frequency=3), logger])
+        monitor = GradientMonitor(frequency=2, warn=False)
+        history = self._fit(linear_model(), opt, x, y, monitor)
         logs = history.history
         self.assertEqual(logs["clipped_steps"], [0, 0])
         self.assertEqual(logs["skipped_steps"], [1, 1])
@@ -80,11 +72,17 @@ class GradientMonitorTest(TestCase):
                  for i in (0, 32)]
         self.assertAllClose(logs["grad_norm"], [np.mean(clean)] * 2,
                             rtol=1e-4)
-        # Batch logs every third batch (the last of each epoch).
-        sampled = [b for b in batch_logs if "grad_norm" in b]
-        self.assertEqual(len(sampled), 2)
-        self.assertAllClose(sampled[0]["grad_norm"], clean[1], rtol=1e-4)
-        self.assertEqual(sampled[0]["skipped_steps"], 1)
+        # Samples: every second batch, plus each epoch's end.
+        where = [(epoch, batch) for epoch, batch, _ in monitor.history]
+        self.assertEqual(where, [(0, 1), (0, None), (1, 0), (1, None)])
+        layer = "sequential/dense"
+        self.assertFalse(np.isfinite(monitor.history[0][2][layer]))
+        self.assertAllClose(monitor.history[2][2][layer], clean[0],
+                            rtol=1e-4)
+        self.assertAllClose(monitor.history[3][2][layer], clean[1],
+                            rtol=1e-4)
+        self.assertIn((0, 1, layer, "non-finite"),
+                      [f[:4] for f in monitor.flagged])
 
     def test_flags_vanishing_and_exploding_layers_by_name(self):
         rng = np.random.RandomState(0)
