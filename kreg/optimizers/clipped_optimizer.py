@@ -52,7 +52,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     works (the gradients are unscaled for clipping, and the loss-scale
     optimizer still sees overflows).
 
-    Gradient health, kept as (non-trainable) optimizer variables and
+    Gradient health, kept in (non-trainable) optimizer variables and
     readable after any step: `grad_norm` (the pre-clip global norm `G` of the
     last step), `grad_norm_sum` (their sum over the applied steps, for
     means), `seen_steps` (steps whose gradients reached the wrapper; an
@@ -139,6 +139,12 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         # The base class sees no clipping arguments: this wrapper does the
         # clipping itself (the base class would clip per replica).
         super().__init__(learning_rate=0.0, name=name)
+        # The base class's own `iterations` and `learning_rate` variables
+        # are unused (both come from the inner optimizer): not state.
+        self._variables[:] = [
+            v for v in self._variables
+            if v is not self._iterations and v is not self._learning_rate
+        ]
         self.inner_optimizer = optimizer
         self.clipvalue = clip_kwargs["clipvalue"]
         self.clipnorm = clip_kwargs["clipnorm"]
@@ -149,29 +155,19 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
     # Building and delegation -------------------------------------------
     def build(self, var_list):
-        self._grad_norm = self.add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            name="grad_norm",
-        )
+        # Few, small variables: each one costs a little on every
+        # `train_on_batch` call (JAX state hand-over).
+        self._norm_stats = self.add_variable(
+            shape=(2,), dtype="float32", aggregation="only_first_replica",
+            name="norm_stats",
+        )  # [last pre-clip global norm, sum over applied steps]
+        self._step_counts = self.add_variable(
+            shape=(3,), dtype="int32", aggregation="only_first_replica",
+            name="step_counts",
+        )  # [seen, clipped, skipped]
         self._variable_grad_norms = self.add_variable(
             shape=(len(var_list),), dtype="float32",
             aggregation="only_first_replica", name="variable_grad_norms",
-        )
-        self._grad_norm_sum = self.add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            name="grad_norm_sum",
-        )
-        self._seen_steps = self.add_variable(
-            shape=(), dtype="int32", aggregation="only_first_replica",
-            name="seen_steps",
-        )
-        self._clipped_steps = self.add_variable(
-            shape=(), dtype="int32", aggregation="only_first_replica",
-            name="clipped_steps",
-        )
-        self._skipped_steps = self.add_variable(
-            shape=(), dtype="int32", aggregation="only_first_replica",
-            name="skipped_steps",
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -200,8 +196,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
     @property
     def grad_norm(self):
-        """Pre-clip global gradient norm of the last step (a variable)."""
-        return self._grad_norm
+        """Pre-clip global gradient norm of the last step."""
+        return self._norm_stats[0]
 
     @property
     def variable_grad_norms(self):
@@ -211,22 +207,22 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     @property
     def grad_norm_sum(self):
         """Sum of the pre-clip global norms of all applied steps."""
-        return self._grad_norm_sum
+        return self._norm_stats[1]
 
     @property
     def seen_steps(self):
         """Number of steps whose gradients reached this wrapper."""
-        return self._seen_steps
+        return self._step_counts[0]
 
     @property
     def clipped_steps(self):
         """Number of steps in which clipping changed some gradient."""
-        return self._clipped_steps
+        return self._step_counts[1]
 
     @property
     def skipped_steps(self):
         """Number of steps skipped for non-finite gradients."""
-        return self._skipped_steps
+        return self._step_counts[2]
 
     # The gradient transformation ----------------------------------------
     def _loss_scale(self):
@@ -359,19 +355,18 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
     def _record(self, statistics, num_grads):
         finite = statistics["finite"]
-        self._grad_norm.assign(statistics["norm"])
-        self._grad_norm_sum.assign_add(
-            ops.where(finite, statistics["norm"], 0.0)
-        )
+        norm = ops.cast(statistics["norm"], "float32")
+        self._norm_stats.assign(ops.stack([
+            norm,
+            self._norm_stats[1] + ops.where(finite, norm, 0.0),
+        ]))
         if num_grads == self._variable_grad_norms.shape[0]:
             self._variable_grad_norms.assign(statistics["norms"])
-        self._seen_steps.assign_add(ops.ones((), "int32"))
-        self._clipped_steps.assign_add(
-            ops.cast(ops.logical_and(statistics["clipped"], finite), "int32")
-        )
-        self._skipped_steps.assign_add(
-            ops.cast(ops.logical_not(finite), "int32")
-        )
+        self._step_counts.assign_add(ops.cast(ops.stack([
+            ops.convert_to_tensor(True),
+            ops.logical_and(statistics["clipped"], finite),
+            ops.logical_not(finite),
+        ]), "int32"))
 
     def _lets_inner_skip(self):
         # An inner LossScaleOptimizer must see overflowing steps itself, to
