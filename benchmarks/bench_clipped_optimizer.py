@@ -16,17 +16,19 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
+from common import (
+    interleaved,
+    jit_compile_value,
+    mlp,
+    mnist_train_batches,
+    parse_args,
+    report,
+)
 
-import kreg  # noqa: E402
-from common import interleaved  # noqa: E402
-from common import jit_compile_value  # noqa: E402
-from common import mlp  # noqa: E402
-from common import mnist_train_batches  # noqa: E402
-from common import parse_args  # noqa: E402
-from common import report  # noqa: E402
-from kreg.callbacks.gradient_monitor import GradientMonitor  # noqa: E402
+import kreg
+from kreg.callbacks.gradient_monitor import GradientMonitor
 
 
 def compiled(optimizer, weights, jit_compile):
@@ -107,7 +109,7 @@ def main():
             ),
         }
         callbacks = {
-            "kreg, no callback": lambda: [],
+            "kreg, no callback": list,
             "kreg + GradientMonitor": lambda: [GradientMonitor()],
         }
         times = fit_times(fit_models, callbacks, x, y, args.batch_size,

@@ -7,8 +7,7 @@ import keras
 import numpy as np
 
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
-from kreg.utils.validation import check_bool
-from kreg.utils.validation import check_number
+from kreg.utils.validation import check_bool, check_number
 
 
 def find_clipped_optimizer(optimizer):

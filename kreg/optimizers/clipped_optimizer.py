@@ -3,9 +3,7 @@
 import keras
 from keras import ops
 
-from kreg.utils.validation import check_number
-from kreg.utils.validation import check_one_of
-from kreg.utils.validation import check_optional_positive
+from kreg.utils.validation import check_number, check_one_of, check_optional_positive
 
 _NON_FINITE_MESSAGE = (
     "ClippedOptimizer: non-finite gradient (NaN or Inf); the step was not "
@@ -124,13 +122,13 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 f"{sorted(kwargs)}; set them on the inner `optimizer`. "
                 f"Received: {kwargs}"
             )
-        clip_kwargs = dict(
-            clipvalue=check_optional_positive("clipvalue", clipvalue),
-            clipnorm=check_optional_positive("clipnorm", clipnorm),
-            global_clipnorm=check_optional_positive(
+        clip_kwargs = {
+            "clipvalue": check_optional_positive("clipvalue", clipvalue),
+            "clipnorm": check_optional_positive("clipnorm", clipnorm),
+            "global_clipnorm": check_optional_positive(
                 "global_clipnorm", global_clipnorm
             ),
-        )
+        }
         agc_factor = check_optional_positive("agc_factor", agc_factor)
         agc_epsilon = check_number(
             "agc_epsilon", agc_epsilon, low=0, low_inclusive=False
@@ -249,17 +247,21 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         positions = [i for i, g in enumerate(grads) if g is not None]
         tensors = [grads[i] for i in positions]
         squares = [_sum_of_squares(g) for g in tensors]
-        total_square = ops.sum(ops.stack(squares))
+        stacked = ops.stack(squares)
+        total_square = ops.sum(stacked)
         norm = ops.sqrt(total_square)
         # NaN and Inf entries make the float32 sum of squares non-finite;
         # so does a finite gradient whose norm exceeds ~1.8e19 (its square
         # overflows): it counts as non-finite too. One pass over the
         # gradients serves both the norm and the check.
         finite = ops.isfinite(total_square)
-        all_squares = [ops.zeros((), "float32")] * len(grads)
-        for i, square in zip(positions, squares):
-            all_squares[i] = square
-        norms = ops.sqrt(ops.stack(all_squares))
+        if len(positions) == len(grads):
+            norms = ops.sqrt(stacked)
+        else:
+            all_squares = [ops.zeros((), "float32")] * len(grads)
+            for i, square in zip(positions, squares):
+                all_squares[i] = square
+            norms = ops.sqrt(ops.stack(all_squares))
 
         acted = []
         changed = False
@@ -304,8 +306,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
                 )
             over = ops.greater(total, bound)
             acted.append(over)
-            factor = bound / total
-            tensors = [_scale(g, over, factor) for g in tensors]
+            factor = ops.where(over, bound / total, 1.0)
+            tensors = _multiply(tensors, factor)
 
         clipped_grads = list(grads)
         for i, g in zip(positions, tensors):
@@ -481,7 +483,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             ops.convert_to_tensor(v) for v in trainable_variables
         ]
         own_count = len(self._variables)
-        own_values = optimizer_variables[:own_count]
+        optimizer_variables[:own_count]
         inner_values = optimizer_variables[own_count:]
         grads = list(grads)
 
@@ -553,13 +555,31 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
 
 def _sum_of_squares(g):
-    return ops.sum(ops.square(ops.cast(g, "float32")))
+    if keras.backend.standardize_dtype(g.dtype) != "float32":
+        g = ops.cast(g, "float32")
+    return ops.sum(ops.square(g))
 
 
 def _scale(g, over, factor):
     """`g * factor` where `over`, else `g` itself (bit for bit)."""
-    factor = ops.where(over, factor, ops.ones_like(factor))
-    return g * ops.cast(factor, g.dtype)
+    return _multiply([g], ops.where(over, factor, 1.0))[0]
+
+
+def _multiply(tensors, factor):
+    """Each tensor times the float32 scalar `factor`, in its own dtype.
+
+    A factor of exactly 1 leaves a tensor unchanged bit for bit.
+    """
+    cast = {}
+    result = []
+    for g in tensors:
+        dtype = keras.backend.standardize_dtype(g.dtype)
+        if dtype not in cast:
+            cast[dtype] = (
+                factor if dtype == "float32" else ops.cast(factor, dtype)
+            )
+        result.append(g * cast[dtype])
+    return result
 
 
 def _raise_from_host(finite):

@@ -406,8 +406,8 @@ class ConfigTest(TestCase):
              lambda: ClippedOptimizer(sgd(), agc_epsilon=0.0)),
             (TypeError, "argument `clipnorm`",
              lambda: ClippedOptimizer(sgd(), clipnorm="big")),
-            (ValueError, "argument `on_non_finite`.*Received: "
-             "on_non_finite='ignore'",
+            (ValueError, ("argument `on_non_finite`.*Received: "
+             "on_non_finite='ignore'"),
              lambda: ClippedOptimizer(sgd(), on_non_finite="ignore")),
             (ValueError, "does not take the arguments.*learning_rate",
              lambda: ClippedOptimizer(sgd(), learning_rate=0.1)),

@@ -8,7 +8,6 @@ import numpy as np
 from kreg.optimizers import ClippedOptimizer
 from kreg.testing import TestCase
 
-
 _MIRRORED = []
 
 
@@ -101,7 +100,6 @@ class MirroredStrategyTest(TestCase):
         self.assertGreater(differ, 1e-4)
 
     def test_poisoned_replica_skips_on_every_replica(self):
-        import tensorflow as tf
 
         rng = np.random.RandomState(0)
         x = rng.randn(16, 5).astype("float32")

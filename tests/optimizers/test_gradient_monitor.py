@@ -153,15 +153,15 @@ class GradientMonitorTest(TestCase):
     def test_bad_arguments(self):
         cases = [
             (ValueError, "argument `frequency`.*Received: frequency=0",
-             dict(frequency=0)),
-            (TypeError, "argument `frequency`", dict(frequency=1.5)),
+             {"frequency": 0}),
+            (TypeError, "argument `frequency`", {"frequency": 1.5}),
             (ValueError, "argument `vanishing_threshold`",
-             dict(vanishing_threshold=-1.0)),
+             {"vanishing_threshold": -1.0}),
             (ValueError, "argument `exploding_threshold`",
-             dict(exploding_threshold=0.0)),
+             {"exploding_threshold": 0.0}),
             (ValueError, "argument `vanishing_threshold`.*below",
-             dict(vanishing_threshold=10.0, exploding_threshold=1.0)),
-            (TypeError, "argument `warn`", dict(warn="yes")),
+             {"vanishing_threshold": 10.0, "exploding_threshold": 1.0}),
+            (TypeError, "argument `warn`", {"warn": "yes"}),
         ]
         for error, message, kwargs in cases:
             with self.assertRaisesRegex(error, message):
