@@ -1,6 +1,10 @@
-"""kreg.optimizers: filled by a later issue (see README.md, "Status").
+"""kreg.optimizers: optimizer wrappers.
 
-Nothing is exported yet; importing this module is safe and gives no objects.
+- `ClippedOptimizer`: value, adaptive (AGC), per-tensor norm and global-norm
+  clipping around any Keras optimizer, skipping steps with non-finite
+  gradients, with gradient-health statistics for the `fit` logs.
 """
 
-__all__ = []
+from kreg.optimizers.clipped_optimizer import ClippedOptimizer
+
+__all__ = ["ClippedOptimizer"]

@@ -65,3 +65,18 @@ def check_optional_seed(name, value):
     if value < 0:
         _fail(name, "None or a non-negative integer", value)
     return int(value)
+
+
+def check_optional_positive(name, value):
+    """Returns `None` or `value` as a float after checking it is > 0."""
+    if value is None:
+        return None
+    return check_number(name, value, low=0, low_inclusive=False)
+
+
+def check_one_of(name, value, choices):
+    """Returns `value` after checking it is one of `choices` (strings)."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        _fail(name, f"one of {options}", value)
+    return value

@@ -1,0 +1,263 @@
+"""GradientMonitor: gradient health of a ClippedOptimizer in the fit logs."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+
+from kreg.optimizers.clipped_optimizer import ClippedOptimizer
+from kreg.utils.validation import check_bool, check_number
+
+
+def find_clipped_optimizer(optimizer):
+    """The `ClippedOptimizer` in `optimizer`'s chain of wrappers, or None."""
+    seen = 0
+    while optimizer is not None and seen < 16:
+        if isinstance(optimizer, ClippedOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        seen += 1
+    return None
+
+
+def _value(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable))
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class GradientMonitor(keras.callbacks.Callback):
+    """Puts gradient health into the `fit` logs and flags bad layers.
+
+    Reads the statistics that a `kreg.optimizers.ClippedOptimizer` keeps
+    inside the compiled train step (no extra gradient computation), so the
+    model must be compiled with one - `ClippedOptimizer(Adam())` without any
+    clipping argument only measures (and skips non-finite steps).
+
+    Epoch logs (seen by History, TensorBoard, and callbacks listed after
+    this one): `grad_norm`, the mean pre-clip global gradient norm
+    `G = sqrt(sum_i ||g_i||^2)` over the epoch's applied steps;
+    `clipped_steps` and `skipped_steps`, how many steps of the epoch were
+    clipped or skipped (non-finite gradients). No batch-level logs: writing
+    them needs `on_train_batch_end`, which makes Keras synchronise with the
+    device after every step.
+
+    Every `frequency` batches and at the end of each epoch it also computes
+    the per-layer gradient norm
+    `||g_layer|| = sqrt(sum over the layer's variables of ||g_v||^2)` and
+    warns, naming the layer, when it is below `vanishing_threshold` (the
+    vanishing-gradient problem), above `exploding_threshold` (exploding
+    gradients) or non-finite; each layer is flagged once per epoch and kind.
+    The last per-layer norms are in `layer_norms`, all sampled ones in
+    `history` (a list of `(epoch, batch, {layer: norm})`, batch `None` at
+    the end of an epoch).
+
+    With `ClippedOptimizer(on_non_finite="raise")` this callback raises a
+    `FloatingPointError` once a step was skipped (on TensorFlow checked at
+    the start of every next batch: the in-graph check cannot raise there
+    with `jit_compile=True`; elsewhere the optimizer raises itself).
+
+    Put it before `TensorBoard` in the callback list so that TensorBoard
+    sees the added logs (History always runs last).
+
+    Args:
+        frequency: positive int, the number of batches between two
+            per-layer samples. Defaults to `100`.
+        vanishing_threshold: non-negative float; a layer whose gradient norm
+            is below it is flagged. Defaults to `1e-7`.
+        exploding_threshold: positive float; a layer whose gradient norm is
+            above it is flagged. Defaults to `1e3`.
+        warn: bool, whether to issue the warnings (the flags are still
+            recorded in `flagged`). Defaults to `True`.
+
+    Example:
+
+    ```python
+    model.compile(
+        optimizer=kreg.optimizers.ClippedOptimizer(
+            keras.optimizers.Adam(), global_clipnorm=1.0
+        ),
+        loss="mse",
+    )
+    history = model.fit(x, y, callbacks=[kreg.callbacks.GradientMonitor()])
+    history.history["grad_norm"], history.history["clipped_steps"]
+    ```
+    """
+
+    def __init__(self, frequency=100, vanishing_threshold=1e-7,
+                 exploding_threshold=1e3, warn=True):
+        super().__init__()
+        if isinstance(frequency, bool) or not isinstance(frequency, int):
+            raise TypeError(
+                "Invalid value received for argument `frequency`. Expected "
+                f"a positive integer. Received: frequency={frequency!r}"
+            )
+        if frequency < 1:
+            raise ValueError(
+                "Invalid value received for argument `frequency`. Expected "
+                f"a positive integer. Received: frequency={frequency!r}"
+            )
+        self.frequency = frequency
+        self.vanishing_threshold = check_number(
+            "vanishing_threshold", vanishing_threshold, low=0
+        )
+        self.exploding_threshold = check_number(
+            "exploding_threshold", exploding_threshold, low=0,
+            low_inclusive=False,
+        )
+        if self.vanishing_threshold >= self.exploding_threshold:
+            raise ValueError(
+                "Invalid value received for argument `vanishing_threshold`. "
+                "Expected a value below exploding_threshold="
+                f"{self.exploding_threshold}. Received: vanishing_threshold="
+                f"{self.vanishing_threshold}"
+            )
+        self.warn = check_bool("warn", warn)
+        self.layer_norms = {}
+        self.history = []
+        self.flagged = []
+
+    def get_config(self):
+        return {
+            "frequency": self.frequency,
+            "vanishing_threshold": self.vanishing_threshold,
+            "exploding_threshold": self.exploding_threshold,
+            "warn": self.warn,
+        }
+
+    # Reading the optimizer -------------------------------------------------
+    def _optimizer(self):
+        optimizer = find_clipped_optimizer(
+            getattr(self.model, "optimizer", None)
+        )
+        if optimizer is None:
+            raise ValueError(
+                "GradientMonitor reads the statistics of a "
+                "`kreg.optimizers.ClippedOptimizer`; compile the model with "
+                "one (e.g. `ClippedOptimizer(keras.optimizers.Adam())`, "
+                "which only measures). Received: optimizer="
+                f"{getattr(self.model, 'optimizer', None)!r}"
+            )
+        return optimizer
+
+    def _counters(self):
+        opt = self._clipped
+        if not opt.built:
+            return 0.0, 0, 0, 0
+        return (
+            float(_value(opt.grad_norm_sum)),
+            int(_value(opt.clipped_steps)),
+            int(_value(opt.skipped_steps)),
+            int(_value(opt.seen_steps)),
+        )
+
+    # Callback hooks ---------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._clipped = self._optimizer()
+        self._layers = None
+        self._batches_seen = 0
+        # XLA drops TensorFlow's in-graph assertion: check every batch.
+        self._check_every_batch = (
+            self._clipped.on_non_finite == "raise"
+            and keras.backend.backend() == "tensorflow"
+        )
+        self._raises = self._clipped.on_non_finite == "raise"
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self.model  # noqa: B018 (syncs JAX state before reading)
+        self._start = self._counters()
+        self._flagged_this_epoch = set()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Sampling at the start of the next batch, not at the end of this
+        # one: overriding `on_train_batch_end` would make Keras hand over
+        # every step's logs synchronously (a device sync per step).
+        if batch == 0:
+            return  # the last step of the previous epoch was sampled
+        self._batches_seen += 1
+        sample = self._batches_seen % self.frequency == 0
+        if not (sample or self._check_every_batch):
+            return
+        self.model  # noqa: B018 (syncs JAX state before reading)
+        self._check_skipped(self._counters())
+        if sample:
+            self._sample_layers(batch - 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._batches_seen += 1
+        self.model  # noqa: B018 (syncs JAX state before reading)
+        counters = self._counters()
+        self._check_skipped(counters)
+        self._sample_layers(None)
+        if logs is None:
+            return
+        clipped = counters[1] - self._start[1]
+        skipped = counters[2] - self._start[2]
+        applied = (counters[3] - self._start[3]) - skipped
+        norm_sum = counters[0] - self._start[0]
+        logs["grad_norm"] = norm_sum / applied if applied else math.nan
+        logs["clipped_steps"] = clipped
+        logs["skipped_steps"] = skipped
+
+    # Helpers ----------------------------------------------------------------
+    def _check_skipped(self, counters):
+        if self._raises and counters[2] > self._start[2]:
+            raise FloatingPointError(
+                "GradientMonitor: ClippedOptimizer(on_non_finite='raise') "
+                "met a non-finite gradient (NaN or Inf) in epoch "
+                f"{self._epoch}; the step was not applied."
+            )
+
+    def _layer_index(self):
+        """Groups the optimizer's variables by layer: name -> indices."""
+        if self._layers is None:
+            groups = {}
+            for i, variable in enumerate(self._clipped._trainable_variables):
+                path = getattr(variable, "path", variable.name)
+                layer = path.rsplit("/", 1)[0] if "/" in path else path
+                groups.setdefault(layer, []).append(i)
+            self._layers = groups
+        return self._layers
+
+    def _sample_layers(self, batch):
+        norms = _value(self._clipped.variable_grad_norms).astype("float64")
+        layer_norms = {
+            layer: float(np.sqrt(np.sum(norms[indices] ** 2)))
+            for layer, indices in self._layer_index().items()
+        }
+        self.layer_norms = layer_norms
+        self.history.append((self._epoch, batch, layer_norms))
+        for layer, norm in layer_norms.items():
+            if not math.isfinite(norm):
+                kind = "non-finite"
+                detail = f"gradient norm {norm}"
+            elif norm < self.vanishing_threshold:
+                kind = "vanishing"
+                detail = (
+                    f"gradient norm {norm:.3g} < vanishing_threshold="
+                    f"{self.vanishing_threshold:g}"
+                )
+            elif norm > self.exploding_threshold:
+                kind = "exploding"
+                detail = (
+                    f"gradient norm {norm:.3g} > exploding_threshold="
+                    f"{self.exploding_threshold:g}"
+                )
+            else:
+                continue
+            key = (layer, kind)
+            if key in self._flagged_this_epoch:
+                continue
+            self._flagged_this_epoch.add(key)
+            self.flagged.append((self._epoch, batch, layer, kind, norm))
+            if self.warn:
+                when = (
+                    f"at the end of epoch {self._epoch}" if batch is None
+                    else f"at epoch {self._epoch}, batch {batch}"
+                )
+                warnings.warn(
+                    f"GradientMonitor: {kind} gradients in layer '{layer}' "
+                    f"({detail}) {when}.",
+                    stacklevel=2,
+                )

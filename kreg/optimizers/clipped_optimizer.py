@@ -1,0 +1,588 @@
+"""ClippedOptimizer: gradient clipping and non-finite protection as a wrapper."""
+
+import keras
+from keras import ops
+
+from kreg.utils.validation import check_number, check_one_of, check_optional_positive
+
+_NON_FINITE_MESSAGE = (
+    "ClippedOptimizer: non-finite gradient (NaN or Inf); the step was not "
+    "applied. Pass on_non_finite='skip' to skip such steps instead."
+)
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class ClippedOptimizer(keras.optimizers.Optimizer):
+    """Clips the gradients, then lets any Keras optimizer apply them.
+
+    The wrapper runs inside the compiled train step (`keras.ops` only, works
+    with `jit_compile=True`). On every step it takes the gradients `g_i` of
+    the trainable variables `w_i` and, in this order:
+
+    1. **Health check.** If any entry of any gradient is NaN or Inf (or the
+       global norm is so large, > ~1.8e19, that its square overflows
+       float32), the step is skipped: neither the weights nor the inner optimizer's state (its
+       moments, its `iterations`) change, and `skipped_steps` is incremented.
+       With `on_non_finite="raise"` an error is raised instead.
+    2. **Value clipping** (`clipvalue=c`): `g <- clip(g, -c, c)` entry-wise.
+    3. **Adaptive clipping** (AGC, `agc_factor=lambda`), unit-wise: for each
+       output unit (Keras kernels are `(..., in, out)`: the norm is taken
+       over every axis but the last; vectors and scalars as a whole),
+       `g <- g * lambda * max(||w||, agc_epsilon) / ||g||` where
+       `||g|| > lambda * max(||w||, agc_epsilon)`.
+    4. **Norm clipping** (`clipnorm=c`), per tensor:
+       `g <- g * c / ||g||` where `||g|| > c`.
+    5. **Global-norm clipping** (`global_clipnorm=c`) over all gradients:
+       `g <- g * c / max(G, c)` with `G = sqrt(sum_i ||g_i||^2)`.
+
+    Each stage leaves a gradient exactly unchanged (bit for bit) when it is
+    below the threshold. The clipped gradients go to the inner optimizer,
+    which updates the weights as usual (learning-rate schedules, weight
+    decay, EMA, `iterations` all keep working; `learning_rate` and
+    `iterations` of the wrapper are those of the inner optimizer).
+
+    Under a `tf.distribute` strategy the clipping acts on the aggregated
+    (summed over replicas) gradient, so a global batch split over replicas
+    gets the same update as on one device (Keras's built-in `clipnorm` etc.
+    clip each replica's share). Under `mixed_float16`, `compile` wraps this
+    optimizer in a `LossScaleOptimizer`, which unscales the gradients before
+    they reach this wrapper; wrapping a `LossScaleOptimizer` directly also
+    works (the gradients are unscaled for clipping, and the loss-scale
+    optimizer still sees overflows).
+
+    Gradient health, kept in (non-trainable) optimizer variables and
+    readable after any step: `grad_norm` (the pre-clip global norm `G` of the
+    last step), `grad_norm_sum` (their sum over the applied steps, for
+    means), `seen_steps` (steps whose gradients reached the wrapper; an
+    outer `LossScaleOptimizer` holds back its overflow steps),
+    `clipped_steps` (steps in which any clipping stage changed a
+    gradient), `skipped_steps` (steps skipped for non-finite gradients) and
+    `variable_grad_norms` (the pre-clip norm of each variable's gradient).
+    `kreg.callbacks.GradientMonitor` puts them into the `fit` logs (History,
+    TensorBoard).
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` instance to wrap (or a
+            name/config accepted by `keras.optimizers.get`).
+        clipvalue: positive float or `None`: bound for value clipping.
+            Defaults to `None`.
+        clipnorm: positive float or `None`: bound on each gradient tensor's
+            L2 norm. Defaults to `None`.
+        global_clipnorm: positive float or `None`: bound on the L2 norm of
+            all gradients together. Defaults to `None`.
+        agc_factor: positive float or `None`: the AGC clipping factor
+            `lambda` (Brock et al. suggest 0.01 to 0.16). Defaults to
+            `None`.
+        agc_epsilon: positive float, the smallest weight norm AGC uses (so
+            zero-initialized weights can move). Defaults to `1e-3`.
+        on_non_finite: `"skip"` (skip the step and count it) or `"raise"`
+            (raise an error; where a backend cannot raise from inside the
+            compiled step - TensorFlow with `jit_compile=True` - the step is
+            skipped and `GradientMonitor` raises at the end of the batch).
+            Defaults to `"skip"`.
+        name: optional name. Defaults to `None`.
+
+    Example:
+
+    >>> opt = ClippedOptimizer(keras.optimizers.SGD(1.0), clipnorm=2.0)
+    >>> w = keras.Variable([0.0, 0.0, 0.0, 0.0])
+    >>> opt.apply([keras.ops.array([0.5, 2.0, -3.0, 4.0])], [w])
+    >>> # w is now -[0.1849, 0.7396, -1.1094, 1.4792]
+
+    Reference:
+        - Pascanu et al., 2013. On the difficulty of training recurrent
+          neural networks. https://arxiv.org/abs/1211.5063
+        - Brock et al., 2021. High-Performance Large-Scale Image Recognition
+          Without Normalization. https://arxiv.org/abs/2102.06171
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        clipvalue=None,
+        clipnorm=None,
+        global_clipnorm=None,
+        agc_factor=None,
+        agc_epsilon=1e-3,
+        on_non_finite="skip",
+        name=None,
+        **kwargs,
+    ):
+        if isinstance(optimizer, (str, dict)):
+            optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "Invalid value received for argument `optimizer`. Expected "
+                "a `keras.optimizers.Optimizer` instance. Received: "
+                f"optimizer={optimizer!r}"
+            )
+        if kwargs:
+            raise ValueError(
+                "ClippedOptimizer does not take the arguments "
+                f"{sorted(kwargs)}; set them on the inner `optimizer`. "
+                f"Received: {kwargs}"
+            )
+        clip_kwargs = {
+            "clipvalue": check_optional_positive("clipvalue", clipvalue),
+            "clipnorm": check_optional_positive("clipnorm", clipnorm),
+            "global_clipnorm": check_optional_positive(
+                "global_clipnorm", global_clipnorm
+            ),
+        }
+        agc_factor = check_optional_positive("agc_factor", agc_factor)
+        agc_epsilon = check_number(
+            "agc_epsilon", agc_epsilon, low=0, low_inclusive=False
+        )
+        check_one_of("on_non_finite", on_non_finite, ("skip", "raise"))
+        # The base class sees no clipping arguments: this wrapper does the
+        # clipping itself (the base class would clip per replica).
+        super().__init__(learning_rate=0.0, name=name)
+        # The base class's own `iterations` and `learning_rate` variables
+        # are unused (both come from the inner optimizer): not state.
+        self._variables[:] = [
+            v for v in self._variables
+            if v is not self._iterations and v is not self._learning_rate
+        ]
+        self.inner_optimizer = optimizer
+        self.clipvalue = clip_kwargs["clipvalue"]
+        self.clipnorm = clip_kwargs["clipnorm"]
+        self.global_clipnorm = clip_kwargs["global_clipnorm"]
+        self.agc_factor = agc_factor
+        self.agc_epsilon = agc_epsilon
+        self.on_non_finite = on_non_finite
+
+    # Building and delegation -------------------------------------------
+    def build(self, var_list):
+        # Few, small variables: each one costs a little on every
+        # `train_on_batch` call (JAX state hand-over).
+        self._norm_stats = self.add_variable(
+            shape=(2,), dtype="float32", aggregation="only_first_replica",
+            name="norm_stats",
+        )  # [last pre-clip global norm, sum over applied steps]
+        self._step_counts = self.add_variable(
+            shape=(3,), dtype="int32", aggregation="only_first_replica",
+            name="step_counts",
+        )  # [seen, clipped, skipped]
+        self._variable_grad_norms = self.add_variable(
+            shape=(len(var_list),), dtype="float32",
+            aggregation="only_first_replica", name="variable_grad_norms",
+        )
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables[:] + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    @property
+    def grad_norm(self):
+        """Pre-clip global gradient norm of the last step."""
+        return self._norm_stats[0]
+
+    @property
+    def variable_grad_norms(self):
+        """Pre-clip norm of each trainable variable's gradient, last step."""
+        return self._variable_grad_norms
+
+    @property
+    def grad_norm_sum(self):
+        """Sum of the pre-clip global norms of all applied steps."""
+        return self._norm_stats[1]
+
+    @property
+    def seen_steps(self):
+        """Number of steps whose gradients reached this wrapper."""
+        return self._step_counts[0]
+
+    @property
+    def clipped_steps(self):
+        """Number of steps in which clipping changed some gradient."""
+        return self._step_counts[1]
+
+    @property
+    def skipped_steps(self):
+        """Number of steps skipped for non-finite gradients."""
+        return self._step_counts[2]
+
+    # The gradient transformation ----------------------------------------
+    def _loss_scale(self):
+        """The inner LossScaleOptimizer's current scale, or None."""
+        if isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            return self.inner_optimizer.dynamic_scale
+        return None
+
+    def clip_gradients(self, grads, weights=None):
+        """Applies stages 2-5 to `grads`; returns `(grads, statistics)`.
+
+        Args:
+            grads: list of gradient tensors (entries may be `None`).
+            weights: list of the matching variables or their values; needed
+                only for adaptive clipping.
+
+        Returns:
+            The clipped gradients (same structure, `None` kept) and a dict
+            with `finite` (bool scalar: every entry finite and the squared
+            global norm representable in float32), `norm` (pre-clip
+            global norm), `norms` (pre-clip norm per gradient, 0 for `None`)
+            and `clipped` (bool scalar: some stage changed some gradient).
+        """
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        tensors = [grads[i] for i in positions]
+        squares = [_sum_of_squares(g) for g in tensors]
+        stacked = ops.stack(squares)
+        total_square = ops.sum(stacked)
+        norm = ops.sqrt(total_square)
+        # NaN and Inf entries make the float32 sum of squares non-finite;
+        # so does a finite gradient whose norm exceeds ~1.8e19 (its square
+        # overflows): it counts as non-finite too. One pass over the
+        # gradients serves both the norm and the check.
+        finite = ops.isfinite(total_square)
+        if len(positions) == len(grads):
+            norms = ops.sqrt(stacked)
+        else:
+            all_squares = [ops.zeros((), "float32")] * len(grads)
+            for i, square in zip(positions, squares):
+                all_squares[i] = square
+            norms = ops.sqrt(ops.stack(all_squares))
+
+        acted = []
+        changed = False
+        if self.clipvalue is not None:
+            bound = self.clipvalue
+            acted.extend(
+                ops.greater(ops.max(ops.abs(g)), bound) for g in tensors
+            )
+            tensors = [ops.clip(g, -bound, bound) for g in tensors]
+            changed = True
+        if self.agc_factor is not None:
+            if weights is None:
+                raise ValueError(
+                    "Adaptive clipping (`agc_factor`) needs the weights. "
+                    "Received: weights=None"
+                )
+            clipped = []
+            for g, i in zip(tensors, positions):
+                g, unit_acted = self._agc(g, weights[i])
+                clipped.append(g)
+                acted.append(unit_acted)
+            tensors = clipped
+            changed = True
+        if self.clipnorm is not None:
+            bound = self.clipnorm
+            if changed:
+                squares = [_sum_of_squares(g) for g in tensors]
+            clipped = []
+            for g, square in zip(tensors, squares):
+                tensor_norm = ops.sqrt(square)
+                over = ops.greater(tensor_norm, bound)
+                acted.append(over)
+                clipped.append(_scale(g, over, bound / tensor_norm))
+            tensors = clipped
+            changed = True
+        if self.global_clipnorm is not None:
+            bound = self.global_clipnorm
+            total = norm
+            if changed:
+                total = ops.sqrt(
+                    ops.sum(ops.stack([_sum_of_squares(g) for g in tensors]))
+                )
+            over = ops.greater(total, bound)
+            acted.append(over)
+            factor = ops.where(over, bound / total, 1.0)
+            tensors = _multiply(tensors, factor)
+
+        clipped_grads = list(grads)
+        for i, g in zip(positions, tensors):
+            clipped_grads[i] = g
+        if acted:
+            any_acted = ops.any(ops.stack(acted))
+        else:
+            any_acted = ops.convert_to_tensor(False)
+        statistics = {
+            "finite": finite,
+            "norm": norm,
+            "norms": norms,
+            "clipped": any_acted,
+        }
+        return clipped_grads, statistics
+
+    def _agc(self, g, w):
+        w = ops.cast(ops.convert_to_tensor(w), "float32")
+        g32 = ops.cast(g, "float32")
+        if len(g.shape) > 1:
+            axes = tuple(range(len(g.shape) - 1))
+            keepdims = True
+        else:
+            axes = None
+            keepdims = False
+        w_norm = ops.sqrt(ops.sum(ops.square(w), axis=axes, keepdims=keepdims))
+        g_norm = ops.sqrt(
+            ops.sum(ops.square(g32), axis=axes, keepdims=keepdims)
+        )
+        max_norm = self.agc_factor * ops.maximum(w_norm, self.agc_epsilon)
+        over = ops.greater(g_norm, max_norm)
+        factor = ops.where(over, max_norm / g_norm, 1.0)
+        return g * ops.cast(factor, g.dtype), ops.any(over)
+
+    # Applying ------------------------------------------------------------
+    def _transform(self, grads, weights):
+        """Unscales (inner LossScaleOptimizer), clips, rescales."""
+        scale = self._loss_scale()
+        if scale is None:
+            return self.clip_gradients(grads, weights)
+        unscaled = [None if g is None else g / ops.cast(scale, g.dtype)
+                    for g in grads]
+        clipped, statistics = self.clip_gradients(unscaled, weights)
+        rescaled = [None if g is None else g * ops.cast(scale, g.dtype)
+                    for g in clipped]
+        return rescaled, statistics
+
+    def _record(self, statistics, num_grads):
+        finite = statistics["finite"]
+        norm = ops.cast(statistics["norm"], "float32")
+        self._norm_stats.assign(ops.stack([
+            norm,
+            self._norm_stats[1] + ops.where(finite, norm, 0.0),
+        ]))
+        if num_grads == self._variable_grad_norms.shape[0]:
+            self._variable_grad_norms.assign(statistics["norms"])
+        self._step_counts.assign_add(ops.cast(ops.stack([
+            ops.convert_to_tensor(True),
+            ops.logical_and(statistics["clipped"], finite),
+            ops.logical_not(finite),
+        ]), "int32"))
+
+    def _lets_inner_skip(self):
+        # An inner LossScaleOptimizer must see overflowing steps itself, to
+        # lower its scale; it skips them (the weights stay untouched).
+        return self._loss_scale() is not None
+
+    def _raise_if_not_finite(self, finite):
+        if self.on_non_finite != "raise" or self._lets_inner_skip():
+            return
+        backend = keras.backend.backend()
+        if backend == "torch":
+            if not bool(finite):
+                raise FloatingPointError(_NON_FINITE_MESSAGE)
+        elif backend == "jax":
+            import jax
+
+            jax.debug.callback(_raise_from_host, finite)
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            # XLA drops Assert ops; GradientMonitor raises after the batch.
+            tf.debugging.Assert(finite, [_NON_FINITE_MESSAGE])
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `trainable_variables`, the "
+                    "optimizer must already be built. Call "
+                    "`optimizer.build(trainable_variables)` first."
+                )
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+        backend = keras.backend.backend()
+        if backend == "jax":
+            self._jax_apply(grads, trainable_variables)
+        elif backend == "tensorflow":
+            self._tf_apply(grads, trainable_variables)
+        else:
+            self._common_apply(grads, trainable_variables)
+
+    def _common_apply(self, grads, trainable_variables):
+        clipped, statistics = self._transform(grads, trainable_variables)
+        finite = statistics["finite"]
+        self._raise_if_not_finite(finite)
+        self._record(statistics, len(grads))
+        if self._lets_inner_skip():
+            self.inner_optimizer.apply(clipped, trainable_variables)
+            return
+        ops.cond(
+            finite,
+            lambda: self.inner_optimizer.apply(clipped, trainable_variables),
+            lambda: None,
+        )
+
+    def _tf_apply(self, grads, trainable_variables):
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        replicas = 1 if context is None else context.num_replicas_in_sync
+        if replicas == 1:
+            self._common_apply(grads, trainable_variables)
+            return
+        # Clip the aggregated gradient: sum over replicas, clip, and hand
+        # each replica 1/replicas of it (the inner optimizer sums again).
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        reduced = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [grads[i] for i in positions]
+        )
+        total = list(grads)
+        for i, g in zip(positions, reduced):
+            total[i] = g
+        clipped, statistics = self._transform(total, trainable_variables)
+        finite = statistics["finite"]
+        self._raise_if_not_finite(finite)
+        self._record(statistics, len(grads))
+        shares = [None if g is None else g / replicas for g in clipped]
+        inner = self.inner_optimizer
+        lets_inner_skip = self._lets_inner_skip()
+
+        def merged(distribution, shares, finite):
+            finite = distribution.experimental_local_results(finite)[0]
+
+            def apply_fn():
+                distribution.extended.call_for_each_replica(
+                    inner.apply, args=(shares, trainable_variables)
+                )
+
+            if lets_inner_skip:
+                apply_fn()
+            else:
+                ops.cond(finite, apply_fn, lambda: None)
+
+        context.merge_call(merged, args=(shares, finite))
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        if not self.built:
+            raise ValueError(
+                "To call `stateless_apply`, ClippedOptimizer must be built. "
+                "Call `optimizer.build(trainable_variables)` first."
+            )
+        optimizer_variables = [
+            ops.convert_to_tensor(v) for v in optimizer_variables
+        ]
+        trainable_values = [
+            ops.convert_to_tensor(v) for v in trainable_variables
+        ]
+        own_count = len(self._variables)
+        optimizer_variables[:own_count]
+        inner_values = optimizer_variables[own_count:]
+        grads = list(grads)
+
+        # Inner variables are mapped too: an inner LossScaleOptimizer's
+        # scale is read for unscaling.
+        mapping = list(zip(self.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            clipped, statistics = self._transform(grads, trainable_values)
+            finite = statistics["finite"]
+            self._raise_if_not_finite(finite)
+            self._record(statistics, len(grads))
+            new_own = [scope.get_current_value(v) for v in self._variables]
+        inner = self.inner_optimizer
+
+        def apply_fn():
+            new_trainable, new_inner = inner.stateless_apply(
+                inner_values, clipped, trainable_values
+            )
+            return list(new_trainable), list(new_inner)
+
+        new_trainable, new_inner = apply_fn()
+        if not self._lets_inner_skip():
+            # A select rather than a cond: XLA fuses it into the update, and
+            # a skipped step keeps the old values bit for bit.
+            new_trainable = [
+                ops.where(finite, new, old)
+                for new, old in zip(new_trainable, trainable_values)
+            ]
+            new_inner = [
+                ops.where(finite, new, old)
+                for new, old in zip(new_inner, inner_values)
+            ]
+        return new_trainable, new_own + new_inner
+
+    def _jax_apply(self, grads, trainable_variables):
+        """Eager `apply` on JAX, through the stateless path."""
+        new_trainable, new_optimizer = self.stateless_apply(
+            [v.value for v in self.variables],
+            grads,
+            [v.value for v in trainable_variables],
+        )
+        for variable, value in zip(trainable_variables, new_trainable):
+            variable.assign(value)
+        for variable, value in zip(self.variables, new_optimizer):
+            variable.assign(value)
+
+    # Serialization -------------------------------------------------------
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "clipvalue": self.clipvalue,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "agc_factor": self.agc_factor,
+            "agc_epsilon": self.agc_epsilon,
+            "on_non_finite": self.on_non_finite,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        optimizer = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(optimizer, **config)
+
+
+def _sum_of_squares(g):
+    if keras.backend.standardize_dtype(g.dtype) != "float32":
+        g = ops.cast(g, "float32")
+    return ops.sum(ops.square(g))
+
+
+def _scale(g, over, factor):
+    """`g * factor` where `over`, else `g` itself (bit for bit)."""
+    return _multiply([g], ops.where(over, factor, 1.0))[0]
+
+
+def _multiply(tensors, factor):
+    """Each tensor times the float32 scalar `factor`, in its own dtype.
+
+    A factor of exactly 1 leaves a tensor unchanged bit for bit.
+    """
+    cast = {}
+    result = []
+    for g in tensors:
+        dtype = keras.backend.standardize_dtype(g.dtype)
+        if dtype not in cast:
+            cast[dtype] = (
+                factor if dtype == "float32" else ops.cast(factor, dtype)
+            )
+        result.append(g * cast[dtype])
+    return result
+
+
+def _raise_from_host(finite):
+    if not bool(finite):
+        raise FloatingPointError(_NON_FINITE_MESSAGE)
+

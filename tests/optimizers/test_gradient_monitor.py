@@ -1,0 +1,168 @@
+"""Tests of the gradient-health logs (kreg.callbacks.GradientMonitor)."""
+
+import warnings
+
+import keras
+import numpy as np
+
+from kreg.callbacks.gradient_monitor import GradientMonitor
+from kreg.optimizers import ClippedOptimizer
+from kreg.testing import TestCase
+
+
+def linear_data(n=48, d=3, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, d).astype("float32")
+    y = rng.randn(n, 1).astype("float32")
+    return x, y
+
+
+def linear_model(d=3):
+    return keras.Sequential([
+        keras.Input((d,)),
+        keras.layers.Dense(
+            1, kernel_initializer=keras.initializers.Constant(0.5),
+            bias_initializer=keras.initializers.Constant(0.1),
+        ),
+    ])
+
+
+def numpy_linear_grad_norm(x, y, w=0.5, b=0.1):
+    """Global gradient norm of mean((x w + b - y)^2) w.r.t. (w, b)."""
+    residual = x @ np.full((x.shape[1], 1), w) + b - y
+    grad_w = 2.0 / len(x) * x.T @ residual
+    grad_b = 2.0 / len(x) * residual.sum()
+    return np.sqrt(np.sum(grad_w ** 2) + grad_b ** 2)
+
+
+class GradientMonitorTest(TestCase):
+    def _fit(self, model, optimizer, x, y, monitor, epochs=2, batch_size=16):
+        model.compile(optimizer=optimizer, loss="mse",
+                      jit_compile=self.jit_compile_setting())
+        return model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                         verbose=0, shuffle=False, callbacks=[monitor])
+
+    def test_history_has_grad_norm_and_counts(self):
+        x, y = linear_data()
+        # Learning rate 0: the weights stay put, so each step's gradient is
+        # the NumPy gradient of its batch at the initial weights.
+        expected = np.mean([
+            numpy_linear_grad_norm(x[i:i + 16], y[i:i + 16])
+            for i in range(0, 48, 16)
+        ])
+        opt = ClippedOptimizer(keras.optimizers.SGD(0.0),
+                               global_clipnorm=1e-3)
+        history = self._fit(linear_model(), opt, x, y,
+                            GradientMonitor(frequency=2))
+        logs = history.history
+        self.assertAllClose(logs["grad_norm"], [expected] * 2, rtol=1e-4)
+        self.assertEqual(logs["clipped_steps"], [3, 3])
+        self.assertEqual(logs["skipped_steps"], [0, 0])
+
+    def test_counts_skipped_and_unclipped_steps(self):
+        x, y = linear_data()
+        x[20, 1] = np.inf  # second batch
+        opt = ClippedOptimizer(keras.optimizers.SGD(0.0), clipnorm=1e6)
+        monitor = GradientMonitor(frequency=2, warn=False)
+        history = self._fit(linear_model(), opt, x, y, monitor)
+        logs = history.history
+        self.assertEqual(logs["clipped_steps"], [0, 0])
+        self.assertEqual(logs["skipped_steps"], [1, 1])
+        clean = [numpy_linear_grad_norm(x[i:i + 16], y[i:i + 16])
+                 for i in (0, 32)]
+        self.assertAllClose(logs["grad_norm"], [np.mean(clean)] * 2,
+                            rtol=1e-4)
+        # Samples: every second batch, plus each epoch's end.
+        where = [(epoch, batch) for epoch, batch, _ in monitor.history]
+        self.assertEqual(where, [(0, 1), (0, None), (1, 0), (1, None)])
+        layer = "sequential/dense"
+        self.assertFalse(np.isfinite(monitor.history[0][2][layer]))
+        self.assertAllClose(monitor.history[2][2][layer], clean[0],
+                            rtol=1e-4)
+        self.assertAllClose(monitor.history[3][2][layer], clean[1],
+                            rtol=1e-4)
+        self.assertIn((0, 1, layer, "non-finite"),
+                      [f[:4] for f in monitor.flagged])
+
+    def test_flags_vanishing_and_exploding_layers_by_name(self):
+        rng = np.random.RandomState(0)
+        x = (1e4 * rng.randn(32, 4)).astype("float32")
+        y = rng.randn(32, 1).astype("float32")
+        model = keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="big_inputs"),
+            keras.layers.Dense(4, name="middle"),
+            keras.layers.Dense(1, kernel_initializer="zeros", name="head"),
+        ])
+        monitor = GradientMonitor(frequency=1, vanishing_threshold=1e-9,
+                                  exploding_threshold=1e3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._fit(model, ClippedOptimizer(keras.optimizers.SGD(0.0)),
+                      x, y, monitor, epochs=1)
+        messages = [str(w.message) for w in caught
+                    if "GradientMonitor" in str(w.message)]
+        # The zero head passes no gradient back: earlier layers vanish.
+        self.assertTrue(any("vanishing gradients in layer 'sequential/big_inputs'" in m
+                            for m in messages), messages)
+        self.assertTrue(any("vanishing gradients in layer 'sequential/middle'" in m
+                            for m in messages), messages)
+        # The head's own gradient sees inputs of size ~1e4: it explodes.
+        self.assertTrue(any("exploding gradients in layer 'sequential/head'" in m
+                            for m in messages), messages)
+        # Once per layer and kind per epoch, although sampled every batch.
+        self.assertEqual(len(messages), 3)
+        self.assertEqual(
+            set(monitor.layer_norms),
+            {"sequential/big_inputs", "sequential/middle", "sequential/head"},
+        )
+        self.assertEqual(monitor.layer_norms["sequential/middle"], 0.0)
+
+    def test_raise_mode_raises_after_the_batch(self):
+        x, y = linear_data()
+        x[5, 0] = np.nan
+        opt = ClippedOptimizer(keras.optimizers.SGD(0.1),
+                               on_non_finite="raise")
+        with self.assertRaisesRegex(Exception, "non-finite gradient"):
+            self._fit(linear_model(), opt, x, y, GradientMonitor(), epochs=1)
+
+    def test_needs_a_clipped_optimizer(self):
+        x, y = linear_data()
+        with self.assertRaisesRegex(ValueError, "ClippedOptimizer"):
+            self._fit(linear_model(), keras.optimizers.SGD(0.1), x, y,
+                      GradientMonitor(), epochs=1)
+
+    def test_finds_the_wrapper_inside_a_loss_scale_optimizer(self):
+        x, y = linear_data()
+        # Small data keeps the scaled float16 gradients below overflow, so
+        # every step reaches the wrapper (an overflowing step would be held
+        # back by the LossScaleOptimizer, and `seen_steps` would say so).
+        x, y = 0.25 * x, 0.25 * y
+        opt = ClippedOptimizer(keras.optimizers.SGD(0.0))
+        with self.mixed_precision("mixed_float16"):
+            history = self._fit(linear_model(), opt, x, y, GradientMonitor(),
+                                epochs=1)
+        self.assertEqual(int(self.to_numpy(opt.seen_steps)), 3)
+        expected = np.mean([numpy_linear_grad_norm(x[i:i + 16], y[i:i + 16])
+                            for i in range(0, 48, 16)])
+        # float16 forward pass: a looser tolerance.
+        self.assertAllClose(history.history["grad_norm"], [expected],
+                            rtol=1e-2)
+        self.assertEqual(history.history["skipped_steps"], [0])
+
+    def test_bad_arguments(self):
+        cases = [
+            (ValueError, "argument `frequency`.*Received: frequency=0",
+             {"frequency": 0}),
+            (TypeError, "argument `frequency`", {"frequency": 1.5}),
+            (ValueError, "argument `vanishing_threshold`",
+             {"vanishing_threshold": -1.0}),
+            (ValueError, "argument `exploding_threshold`",
+             {"exploding_threshold": 0.0}),
+            (ValueError, "argument `vanishing_threshold`.*below",
+             {"vanishing_threshold": 10.0, "exploding_threshold": 1.0}),
+            (TypeError, "argument `warn`", {"warn": "yes"}),
+        ]
+        for error, message, kwargs in cases:
+            with self.assertRaisesRegex(error, message):
+                GradientMonitor(**kwargs)
