@@ -1,5 +1,6 @@
 """Test helpers for kreg's own suite and for code that extends kreg."""
 
+from kreg.testing.distribution import mirrored_strategy
 from kreg.testing.test_case import TestCase
 
-__all__ = ["TestCase"]
+__all__ = ["TestCase", "mirrored_strategy"]

@@ -4,6 +4,7 @@ import pytest
 
 from kreg.layers import BatchNormalization
 from kreg.testing import TestCase
+from kreg.testing import mirrored_strategy
 
 BACKEND = keras.backend.backend()
 
@@ -306,9 +307,7 @@ class SynchronizedTest(TestCase):
 
     @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
     def test_mirrored_strategy_two_replicas(self):
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = mirrored_strategy()
         self.assertEqual(strategy.num_replicas_in_sync, 2)
         with strategy.scope():
             layer = BatchNormalization(synchronized=True)

@@ -7,27 +7,7 @@ import numpy as np
 
 from kreg.optimizers import ClippedOptimizer
 from kreg.testing import TestCase
-
-_MIRRORED = []
-
-
-def mirrored_strategy():
-    """One MirroredStrategy on two logical CPUs for the whole process.
-
-    It reduces through one device rather than with collective ops: the
-    collective keys of several MirroredStrategy objects in one process
-    (another test module makes its own) collide ("Shape mismatch in the
-    collective instance").
-    """
-    import tensorflow as tf
-
-    if not _MIRRORED:
-        _MIRRORED.append(tf.distribute.MirroredStrategy(
-            ["/cpu:0", "/cpu:1"],
-            cross_device_ops=tf.distribute.ReductionToOneDevice(),
-        ))
-    return _MIRRORED[0]
-
+from kreg.testing import mirrored_strategy
 
 @unittest.skipUnless(keras.backend.backend() == "tensorflow",
                      "tf.distribute is TensorFlow only")
