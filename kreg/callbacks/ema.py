@@ -26,18 +26,22 @@ class EMA(keras.callbacks.Callback):
     lets the shadow follow the first, fast-changing weights.
 
     The update is one compiled call per step on the shadow variables
-    (``tf.function`` on TensorFlow, ``jax.jit`` with buffer donation on JAX,
-    fused in-place ``lerp`` on PyTorch), never a copy through NumPy.
+    (``tf.function`` compiled with XLA on TensorFlow, ``jax.jit`` with buffer
+    donation on JAX, fused in-place ``lerp`` on PyTorch), never a copy
+    through NumPy.
 
     - Validation inside ``fit`` runs with the averaged weights
       (``validate_with_averaged=True``), so ``val_*`` logs describe the model
       you keep. The averaged weights then stay in the model through the
-      epoch-end callbacks, whatever their place in the list (with no
-      validation data, from the EMA's own ``on_epoch_end``), and the raw
-      weights are put back when the next epoch begins. So
+      epoch-end callbacks, whatever their place in the list (in an epoch
+      without validation, only for the callbacks listed after the EMA), and
+      the raw weights are put back when the next epoch begins. So
       `keras.callbacks.ModelCheckpoint` (``save_best_only`` on ``val_loss``)
       saves the weights whose ``val_loss`` was logged, and Keras's
-      ``EarlyStopping(restore_best_weights=True)`` keeps averaged weights.
+      ``EarlyStopping(restore_best_weights=True)`` keeps averaged weights
+      (which the EMA then leaves in place, even with
+      ``keep_averaged=False``). Saves made in the middle of an epoch
+      (``save_freq=<int>``) hold the raw weights.
     - ``with ema.averaged_weights(): ...`` swaps the averaged weights in (for
       ``evaluate``, ``predict``, ``save``) and back out on exit. Passed as a
       callback to ``evaluate``/``predict`` it does the same for that call, and
@@ -271,6 +275,10 @@ class EMA(keras.callbacks.Callback):
                 f"steps_per_execution={steps_per_execution}"
             )
         _shared.register(self, "ema")
+        if self._in_fit and self._averaged_in_model:
+            # The previous fit was interrupted (an exception) while the
+            # averaged weights were in: put its raw weights back first.
+            self.swap_out()
         self._in_fit = True
         self._restored_by_early_stopping = False
         self._averaged_in_model = False
