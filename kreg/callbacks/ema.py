@@ -601,6 +601,8 @@ class _Updater:
             self._tf_plain = tf.function(update, autograph=False)
             self._tf_xla = tf.function(update, autograph=False,
                                        jit_compile=True)
+            self._xla_errors = (tf.errors.OpError, NotImplementedError,
+                                ValueError)
             self.update = self._tf_first_update
         elif self.backend == "jax":
             import jax
@@ -622,7 +624,7 @@ class _Updater:
         try:
             self._tf_xla()
             self.update = self._tf_xla
-        except Exception:  # XLA unavailable or unable to compile this.
+        except self._xla_errors:  # XLA unavailable or unable to compile.
             self.update = self._tf_plain
             self.update()
 
