@@ -1,0 +1,143 @@
+"""EMA with Keras's checkpoint callbacks: ModelCheckpoint, BackupAndRestore,
+and Keras's own EarlyStopping(restore_best_weights=True)."""
+
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+
+from kreg.callbacks import EMA
+from kreg.testing import TestCase
+
+
+def data(n, seed):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = np.tanh(x @ rng.normal(size=(4, 2))).astype("float32")
+    return x, y
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+class EMACheckpointTest(TestCase):
+    def setUp(self):
+        super().setUp()
+        self.x, self.y = data(48, 0)
+        xv, yv = data(16, 1)
+        # Opposite-sign validation targets: val_loss soon rises, so the best
+        # epoch is not the last one.
+        self.val = (xv, -yv)
+        self.folder = tempfile.TemporaryDirectory()
+        self.addCleanup(self.folder.cleanup)
+
+    def path(self, name):
+        return os.path.join(self.folder.name, name)
+
+    def model(self):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([
+            keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(2),
+        ])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                      loss="mse")
+        return model
+
+    def fit(self, model, callbacks, epochs=4):
+        return model.fit(self.x, self.y, batch_size=8, epochs=epochs,
+                         shuffle=False, verbose=0, callbacks=callbacks,
+                         validation_data=self.val)
+
+    def test_checkpoints_hold_weights_of_best_logged_val_loss(self):
+        weights_file = self.path("best.weights.h5")
+        keras_file = self.path("best.keras")
+        model = self.model()
+        ema = EMA(decay=0.7, keep_averaged=False)
+        keras_stop = keras.callbacks.EarlyStopping(
+            patience=10, restore_best_weights=True
+        )
+        callbacks = [
+            # Before and after the EMA in the list: both see the averaged
+            # weights at epoch end.
+            keras.callbacks.ModelCheckpoint(
+                weights_file, monitor="val_loss", save_best_only=True,
+                save_weights_only=True,
+            ),
+            keras_stop,
+            ema,
+            keras.callbacks.ModelCheckpoint(
+                keras_file, monitor="val_loss", save_best_only=True,
+            ),
+        ]
+        history = self.fit(model, callbacks)
+        val_loss = history.history["val_loss"]
+        best = min(val_loss)
+        self.assertLess(int(np.argmin(val_loss)), len(val_loss) - 1)
+
+        fresh = self.model()
+        fresh.load_weights(weights_file)
+        self.assertAllClose(fresh.evaluate(*self.val, verbose=0), best,
+                            rtol=1e-5)
+        loaded = keras.models.load_model(keras_file)
+        # A plain model: the file holds no shadow copy nor step count.
+        self.assertEqual(len(loaded.weights), len(model.weights))
+        self.assertAllClose(loaded.evaluate(*self.val, verbose=0), best,
+                            rtol=1e-5)
+        # Keras's EarlyStopping kept the averaged weights of the best epoch,
+        # and the EMA (keep_averaged=False) did not overwrite them.
+        self.assertAllClose(model.evaluate(*self.val, verbose=0), best,
+                            rtol=1e-5)
+
+    def test_backup_and_restore_resumes_shadow_and_raw_weights(self):
+        model = self.model()
+        full = EMA(decay=0.8)
+        full_history = self.fit(model, [full])
+        expected_final = [self.to_numpy(v) for v in model.weights]
+        with full.raw_weights():
+            expected_raw = [self.to_numpy(v) for v in model.weights]
+
+        backup = self.path("backup")
+        # The EMA listed before BackupAndRestore (its on_train_begin runs
+        # before the weights are loaded) and validation on: the backup's
+        # weights file holds the averaged weights, the EMA's the raw ones.
+        model = self.model()
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            self.fit(model, [EMA(decay=0.8, backup_dir=backup),
+                             keras.callbacks.BackupAndRestore(backup),
+                             Interrupt(2)])
+        model = self.model()
+        resumed = EMA(decay=0.8, backup_dir=backup)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="EMA:")
+            history = self.fit(model, [resumed,
+                                       keras.callbacks.BackupAndRestore(backup)])
+        self.assertEqual(resumed.steps, full.steps)
+        self.assertAllClose(history.history["val_loss"],
+                            full_history.history["val_loss"][2:], rtol=1e-5)
+        for a, b in zip(model.weights, expected_final):
+            self.assertAllClose(a, b, atol=1e-6)
+        with resumed.raw_weights():
+            for a, b in zip(model.weights, expected_raw):
+                self.assertAllClose(a, b, atol=1e-6)
+        self.assertFalse(os.path.exists(backup))
+
+    def test_resume_without_state_warns(self):
+        backup = self.path("backup")
+        model = self.model()
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            self.fit(model, [keras.callbacks.BackupAndRestore(backup), EMA(),
+                             Interrupt(1)], epochs=2)
+        model = self.model()
+        with self.assertWarnsRegex(UserWarning, "average restarts"):
+            self.fit(model, [keras.callbacks.BackupAndRestore(backup), EMA()],
+                     epochs=2)

@@ -1,0 +1,128 @@
+"""EMA under mixed_float16 (all backends) and tf.distribute.MirroredStrategy
+(TensorFlow): the shadow is float32 and follows a NumPy recomputation of the
+weight trajectory recorded batch by batch."""
+
+import unittest
+
+import keras
+import numpy as np
+
+from kreg.callbacks import EMA
+from kreg.testing import TestCase
+
+
+class RecordSteps(keras.callbacks.Callback):
+    """Trainable weights and the optimizer's step counter after each batch."""
+
+    def on_train_begin(self, logs=None):
+        self.initial = self._weights()
+        self.after_batch = []
+        self.iterations = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after_batch.append(self._weights())
+        self.iterations.append(
+            int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        )
+
+    def _weights(self):
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        return [np.array(keras.ops.convert_to_numpy(v.value), "float64")
+                for v in self.model.trainable_variables]
+
+
+def numpy_ema(record, decay):
+    """Folds in the weights after every batch that took an optimizer step
+    (a loss-scaled step with non-finite gradients takes none)."""
+    shadow = [w.copy() for w in record.initial]
+    last = record.iterations[0] - 1 if record.iterations else 0
+    steps = 0
+    for weights, iteration in zip(record.after_batch, record.iterations):
+        if iteration == last:
+            continue
+        last = iteration
+        steps += 1
+        shadow = [decay * s + (1 - decay) * w for s, w in zip(shadow, weights)]
+    return shadow, steps
+
+
+def data(n=48, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = np.tanh(x @ rng.normal(size=(4, 2))).astype("float32")
+    return x, y
+
+
+def small_model():
+    keras.utils.set_random_seed(5)
+    return keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+        keras.layers.Dense(2),
+    ])
+
+
+class EMAPrecisionAndDistributionTest(TestCase):
+    def check_follows_numpy(self, model, ema, record, decay):
+        self.assertEqual(record.iterations[0], 1)
+        expected, steps = numpy_ema(record, decay)
+        self.assertGreater(steps, 10)
+        self.assertEqual(ema.steps, steps)
+        for shadow, weight, e in zip(ema.shadow_variables,
+                                     model.trainable_variables, expected):
+            self.assertEqual(str(shadow.dtype), "float32")
+            self.assertEqual(str(weight.dtype), "float32")
+            self.assertAllClose(shadow, e, atol=1e-5, rtol=1e-5)
+
+    def test_mixed_float16(self):
+        x, y = data()
+        xv, yv = data(16, seed=1)
+        with self.mixed_precision("mixed_float16"):
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            self.assertIsInstance(model.optimizer,
+                                  keras.optimizers.LossScaleOptimizer)
+            record = RecordSteps()
+            ema = EMA(decay=0.8)
+            history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False,
+                                verbose=0, callbacks=[record, ema],
+                                validation_data=(xv, yv))
+            self.check_follows_numpy(model, ema, record, 0.8)
+            # The averaged weights are in the model and gave the logged
+            # validation loss (float16 compute: loose tolerance).
+            for weight, shadow in zip(model.trainable_variables,
+                                      ema.shadow_variables):
+                self.assertAllEqual(weight, shadow)
+            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
+                                history.history["val_loss"][-1], rtol=1e-3)
+
+    @unittest.skipUnless(keras.backend.backend() == "tensorflow",
+                         "tf.distribute is TensorFlow only")
+    def test_mirrored_strategy(self):
+        import tensorflow as tf
+
+        x, y = data()
+        xv, yv = data(16, seed=1)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                          loss="mse")
+        record = RecordSteps()
+        ema = EMA(decay=0.8, keep_averaged=False)
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                            verbose=0, callbacks=[record, ema],
+                            validation_data=(xv, yv))
+        self.check_follows_numpy(model, ema, record, 0.8)
+        # keep_averaged=False: the raw weights are back, on both replicas.
+        for weight, raw in zip(model.trainable_variables,
+                               record.after_batch[-1]):
+            for replica in weight.value.values:
+                self.assertAllClose(replica, raw)
+        with ema.averaged_weights():
+            for weight, shadow in zip(model.trainable_variables,
+                                      ema.shadow_variables):
+                for replica in weight.value.values:
+                    self.assertAllEqual(replica, shadow)
+            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
+                                history.history["val_loss"][-1], rtol=1e-5)
