@@ -9,6 +9,7 @@ import numpy as np
 
 from kreg.callbacks import EMA
 from kreg.testing import TestCase
+from kreg.testing import mirrored_strategy
 
 
 class RecordSteps(keras.callbacks.Callback):
@@ -99,11 +100,9 @@ class EMAPrecisionAndDistributionTest(TestCase):
     @unittest.skipUnless(keras.backend.backend() == "tensorflow",
                          "tf.distribute is TensorFlow only")
     def test_mirrored_strategy(self):
-        import tensorflow as tf
-
         x, y = data()
         xv, yv = data(16, seed=1)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = mirrored_strategy()
         with strategy.scope():
             model = small_model()
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
