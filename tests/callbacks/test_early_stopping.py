@@ -7,6 +7,7 @@ import pytest
 
 from kreg.callbacks import EarlyStopping
 from kreg.testing import TestCase
+from tests.callbacks.helpers import Interrupt
 
 
 def tiny_model(metrics=()):
@@ -175,16 +176,6 @@ class RecordWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.weights.append(self.model.get_weights())
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
 
 
 class FitTest(TestCase):

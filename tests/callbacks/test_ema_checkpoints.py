@@ -10,6 +10,7 @@ import numpy as np
 
 from kreg.callbacks import EMA
 from kreg.testing import TestCase
+from tests.callbacks.helpers import Interrupt
 
 
 def data(n, seed):
@@ -17,16 +18,6 @@ def data(n, seed):
     x = rng.normal(size=(n, 4)).astype("float32")
     y = np.tanh(x @ rng.normal(size=(4, 2))).astype("float32")
     return x, y
-
-
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
 
 
 class EMACheckpointTest(TestCase):
