@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
+from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
 _STATE_NAME = "kreg_early_stopping"
@@ -125,12 +126,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.start_from_epoch = _check_count(
             "start_from_epoch", start_from_epoch
         )
-        if backup_dir is not None and not isinstance(backup_dir, str):
-            raise TypeError(
-                "Invalid value received for argument `backup_dir`. Expected "
-                f"None or a path string. Received: backup_dir={backup_dir!r}"
-            )
-        self.backup_dir = backup_dir
+        self.backup_dir = check_optional_path("backup_dir", backup_dir)
         self._maximize = None
         self._reset()
 

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
+from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
 _STATE_NAME = "kreg_ema"
@@ -138,12 +139,7 @@ class EMA(keras.callbacks.Callback):
         self.average_non_trainable = check_bool(
             "average_non_trainable", average_non_trainable
         )
-        if backup_dir is not None and not isinstance(backup_dir, str):
-            raise TypeError(
-                "Invalid value received for argument `backup_dir`. Expected "
-                f"None or a path string. Received: backup_dir={backup_dir!r}"
-            )
-        self.backup_dir = backup_dir
+        self.backup_dir = check_optional_path("backup_dir", backup_dir)
         self._targets = None
         self._built_for = None
         self._shadows = None

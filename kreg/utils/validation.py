@@ -80,3 +80,10 @@ def check_one_of(name, value, choices):
         options = ", ".join(repr(c) for c in choices)
         _fail(name, f"one of {options}", value)
     return value
+
+
+def check_optional_path(name, value):
+    """Returns `value` after checking it is `None` or a path string."""
+    if value is not None and not isinstance(value, str):
+        _fail(name, "None or a path string", value, TypeError)
+    return value
