@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from kreg.layers.dropout import Dropout
+from kreg.utils.layers import walk_layers
 
 
 def mc_predict(model, x, num_samples=20, batch_size=None):
@@ -45,7 +46,7 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
         )
     if not any(
         isinstance(layer, Dropout) and layer.mc and layer.rate > 0
-        for layer in _all_layers(model)
+        for layer, _ in walk_layers(model)
     ):
         raise ValueError(
             "`mc_predict` needs a model with at least one "
@@ -64,7 +65,7 @@ def _one_pass(model, x, batch_size):
     count = len(keras.tree.flatten(x)[0])
     step = count if batch_size is None else int(batch_size)
     chunks = [
-        keras.tree.map_structure(lambda a: a[start:start + step], x)
+        keras.tree.map_structure(lambda a, s=start: a[s:s + step], x)
         for start in range(0, count, step)
     ]
     outputs = [
@@ -72,12 +73,3 @@ def _one_pass(model, x, batch_size):
         for chunk in chunks
     ]
     return np.concatenate(outputs, axis=0)
-
-
-def _all_layers(model):
-    """Every layer inside `model`, nested models included (public API)."""
-    found = []
-    for layer in getattr(model, "layers", []):
-        found.append(layer)
-        found.extend(_all_layers(layer))
-    return found

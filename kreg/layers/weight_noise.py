@@ -4,20 +4,10 @@ import inspect
 
 import keras
 
+from kreg.utils.layers import KERNEL_NAMES
+from kreg.utils.layers import short_name
 from kreg.utils.validation import check_number
 from kreg.utils.validation import check_optional_seed
-
-# Weights that multiply the inputs; biases and normalization parameters are
-# left noise-free (the same set `kreg.regularizers.apply_weight_decay` uses).
-_KERNEL_NAMES = (
-    "kernel", "depthwise_kernel", "pointwise_kernel", "recurrent_kernel",
-    "embeddings",
-)
-
-
-def _short_name(variable):
-    return variable.name.split("/")[-1]
-
 
 @keras.saving.register_keras_serializable(package="kreg")
 class WeightNoise(keras.layers.Wrapper):
@@ -83,7 +73,7 @@ class WeightNoise(keras.layers.Wrapper):
     def _find_kernels(self):
         self._noisy = [
             i for i, v in enumerate(self.layer.trainable_variables)
-            if _short_name(v) in _KERNEL_NAMES
+            if short_name(v) in KERNEL_NAMES
         ]
         if not self._noisy:
             raise ValueError(

@@ -8,8 +8,8 @@
   so that the layer's config (and thus ``model.save``) records it.
 """
 
-import keras
-
+from kreg.utils.layers import short_name
+from kreg.utils.layers import walk_layers
 from kreg.utils.validation import check_number
 
 # Variable name -> the layer attributes that hold its regularizer, in the
@@ -22,50 +22,10 @@ _REGULARIZER_ATTRIBUTES = {
     "embeddings": ("embeddings_regularizer",),
 }
 
-# Weights that multiply the inputs (never biases nor normalization scales).
-KERNEL_NAMES = tuple(_REGULARIZER_ATTRIBUTES)
-
 
 def check_strength(name, value):
     """Returns a finite penalty strength >= 0 as a float."""
     return check_number(name, value, 0.0, float("inf"), True, False)
-
-
-def _children(layer):
-    found = []
-    if isinstance(layer, keras.Model):
-        try:
-            found.extend(layer.layers)
-        except (AttributeError, ValueError):
-            pass
-    for value in vars(layer).values():
-        if isinstance(value, keras.layers.Layer):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found.extend(v for v in value if isinstance(v, keras.layers.Layer))
-        elif isinstance(value, dict):
-            found.extend(
-                v for v in value.values() if isinstance(v, keras.layers.Layer)
-            )
-    return found
-
-
-def walk_layers(root):
-    """Yields ``(layer, chain)`` depth first, parents before children.
-
-    ``chain`` is the tuple of layers from ``root`` down to ``layer``.
-    """
-    seen = set()
-    stack = [(root, (root,))]
-    while stack:
-        layer, chain = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer, chain
-        for child in reversed(_children(layer)):
-            if id(child) not in seen:
-                stack.append((child, chain + (child,)))
 
 
 def walk_variables(root):
@@ -89,11 +49,6 @@ def walk_variables(root):
         _, layer, chain = owners.get(id(variable), (None, root, (root,)))
         result.append((variable, layer, chain))
     return result
-
-
-def short_name(variable):
-    """The variable's own name (``"kernel"`` for ``"dense/kernel"``)."""
-    return variable.name.split("/")[-1]
 
 
 def attach(variable, owner, regularizer):

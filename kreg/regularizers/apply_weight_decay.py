@@ -7,6 +7,8 @@ import warnings
 import keras
 
 from kreg.regularizers import _utils
+from kreg.utils.layers import KERNEL_NAMES
+from kreg.utils.layers import short_name
 from kreg.regularizers.l2 import L2
 from kreg.utils.validation import check_bool
 
@@ -129,7 +131,7 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
     penalized = []
     unsaved = []
     for variable, owner, chain in _utils.walk_variables(model):
-        if _utils.short_name(variable) not in _utils.KERNEL_NAMES:
+        if short_name(variable) not in KERNEL_NAMES:
             continue
         if include is not None and not any(
             _matches(layer, include) for layer in chain

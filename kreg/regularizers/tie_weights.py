@@ -3,6 +3,8 @@
 import keras
 
 from kreg.regularizers import _utils
+from kreg.utils.layers import KERNEL_NAMES
+from kreg.utils.layers import short_name
 from kreg.regularizers.parameter_sharing import ParameterSharing
 from kreg.utils.validation import check_bool
 
@@ -64,10 +66,10 @@ def tie_weights(model_a, model_b, strength, kernels_only=False):
     side_a = _collect("model_a", model_a)
     side_b = _collect("model_b", model_b)
     if kernels_only:
-        side_a = [p for p in side_a if _utils.short_name(p[0]) in
-                  _utils.KERNEL_NAMES]
-        side_b = [p for p in side_b if _utils.short_name(p[0]) in
-                  _utils.KERNEL_NAMES]
+        side_a = [p for p in side_a if short_name(p[0]) in
+                  KERNEL_NAMES]
+        side_b = [p for p in side_b if short_name(p[0]) in
+                  KERNEL_NAMES]
     if len(side_a) != len(side_b):
         raise ValueError(
             "Invalid value received for argument `model_b`. Expected the "
