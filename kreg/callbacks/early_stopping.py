@@ -9,6 +9,7 @@ import numpy as np
 from kreg.callbacks import _shared
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
+from kreg.utils.validation import check_one_of
 
 _STATE_NAME = "kreg_early_stopping"
 
@@ -111,12 +112,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.min_delta = abs(check_number("min_delta", min_delta))
         self.patience = _check_count("patience", patience)
         self.verbose = _check_count("verbose", verbose)
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(
-                "Invalid value received for argument `mode`. Expected one of "
-                f"'auto', 'min', 'max'. Received: mode={mode!r}"
-            )
-        self.mode = mode
+        self.mode = check_one_of("mode", mode, ("auto", "min", "max"))
         self.baseline = (
             None if baseline is None else check_number("baseline", baseline)
         )

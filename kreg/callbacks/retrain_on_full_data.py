@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
+from kreg.utils.validation import check_one_of
 
 _ALGORITHMS = ("restart", "continue")
 _LENGTHS = ("epochs", "steps", "scaled")
@@ -88,16 +89,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "Invalid value received for argument `x`. Expected the full "
                 "data (arrays or a dataset). Received: x=None"
             )
-        if algorithm not in _ALGORITHMS:
-            raise ValueError(
-                "Invalid value received for argument `algorithm`. Expected "
-                f"one of {_ALGORITHMS}. Received: algorithm={algorithm!r}"
-            )
-        if length not in _LENGTHS:
-            raise ValueError(
-                "Invalid value received for argument `length`. Expected one "
-                f"of {_LENGTHS}. Received: length={length!r}"
-            )
+        check_one_of("algorithm", algorithm, _ALGORITHMS)
+        check_one_of("length", length, _LENGTHS)
         for name, value in (("batch_size", batch_size),
                             ("max_epochs", max_epochs)):
             if value is not None and (
