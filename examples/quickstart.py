@@ -18,22 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
 
 import kreg  # noqa: E402
-
-
-def load_data(seed=0):
-    digits = load_digits()
-    x = digits.data.astype("float32")
-    y = digits.target.astype("int32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.3, stratify=y, random_state=seed
-    )
-    # The lecture: scale inputs to mean 0 and standard deviation 1.
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+from kreg.walkthrough.data import load_digits  # noqa: E402
 
 
 def plain_network():
@@ -83,7 +70,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
 
-    data = load_data()
+    digits = load_digits()  # standardized to mean 0, std 1 (the lecture)
+    data = (digits.x_train, digits.y_train, digits.x_test, digits.y_test)
     print(
         f"kreg {kreg.__version__} on Keras {keras.__version__} "
         f"({keras.backend.backend()}); digits: {len(data[0])} train, "
