@@ -244,6 +244,12 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             global norm), `norms` (pre-clip norm per gradient, 0 for `None`)
             and `clipped` (bool scalar: some stage changed some gradient).
         """
+        if self._uses_torch_fast_path(grads):
+            from kreg.optimizers import _torch_clipping
+
+            return _torch_clipping.clip_gradients(
+                grads, self.clipvalue, self.clipnorm, self.global_clipnorm
+            )
         positions = [i for i, g in enumerate(grads) if g is not None]
         tensors = [grads[i] for i in positions]
         squares = [_sum_of_squares(g) for g in tensors]
@@ -323,6 +329,13 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             "clipped": any_acted,
         }
         return clipped_grads, statistics
+
+    def _uses_torch_fast_path(self, grads):
+        if keras.backend.backend() != "torch" or self.agc_factor is not None:
+            return False
+        from kreg.optimizers import _torch_clipping
+
+        return _torch_clipping.supports(grads)
 
     def _agc(self, g, w):
         w = ops.cast(ops.convert_to_tensor(w), "float32")
@@ -413,6 +426,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             self._jax_apply(grads, trainable_variables)
         elif backend == "tensorflow":
             self._tf_apply(grads, trainable_variables)
+        elif backend == "torch":
+            self._torch_apply(grads, trainable_variables)
         else:
             self._common_apply(grads, trainable_variables)
 
@@ -429,6 +444,33 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             lambda: self.inner_optimizer.apply(clipped, trainable_variables),
             lambda: None,
         )
+
+    def _torch_apply(self, grads, trainable_variables):
+        """Eager `apply` on PyTorch: one host read of the health flag.
+
+        `ops.cond` would read it too; reading it once here also lets the
+        statistics be written without selects.
+        """
+        import torch
+
+        clipped, statistics = self._transform(grads, trainable_variables)
+        finite = bool(statistics["finite"])
+        self._raise_if_not_finite(finite)
+        with torch.no_grad():
+            norm = statistics["norm"].to(torch.float32)
+            norm_stats = self._norm_stats.value
+            norm_stats[0] = norm
+            counts = self._step_counts.value
+            counts[0] += 1
+            if finite:
+                norm_stats[1] += norm
+                counts[1] += statistics["clipped"].to(counts.dtype)
+            else:
+                counts[2] += 1
+            if len(grads) == self._variable_grad_norms.shape[0]:
+                self._variable_grad_norms.value.copy_(statistics["norms"])
+        if finite or self._lets_inner_skip():
+            self.inner_optimizer.apply(clipped, trainable_variables)
 
     def _tf_apply(self, grads, trainable_variables):
         import tensorflow as tf
