@@ -1,4 +1,8 @@
-"""One process-wide `tf.distribute.MirroredStrategy` for tests."""
+"""Distributions for tests: one process-wide `tf.distribute.MirroredStrategy`
+and `keras.distribution.DataParallel` on JAX devices."""
+
+import contextlib
+import unittest
 
 _MIRRORED = []
 
@@ -22,3 +26,31 @@ def mirrored_strategy():
             )
         )
     return _MIRRORED[0]
+
+
+@contextlib.contextmanager
+def jax_data_parallel(count=2):
+    """Runs the block under `keras.distribution.DataParallel` on JAX.
+
+    Uses the first `count` devices (on CPU: host devices created with
+    `XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX starts,
+    as kreg's tests/conftest.py does) and restores the previous
+    distribution afterwards. Raises `unittest.SkipTest` when fewer devices
+    exist.
+    """
+    import keras
+
+    devices = keras.distribution.list_devices()
+    if len(devices) < count:
+        raise unittest.SkipTest(
+            f"needs {count} JAX devices, found {len(devices)} "
+            "(see tests/conftest.py)"
+        )
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices[:count])
+    )
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)

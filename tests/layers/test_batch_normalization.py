@@ -4,6 +4,7 @@ import pytest
 
 from kreg.layers import BatchNormalization
 from kreg.testing import TestCase
+from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
 
 BACKEND = keras.backend.backend()
@@ -316,17 +317,8 @@ class SynchronizedTest(TestCase):
 
     @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
     def test_jax_data_parallel_two_devices(self):
-        devices = keras.distribution.list_devices("cpu")
-        if len(devices) < 2:
-            self.skipTest("needs two JAX host devices (see conftest.py)")
-        previous = keras.distribution.distribution()
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=devices[:2])
-        )
-        try:
+        with jax_data_parallel():
             layer = self.fit_one_step(BatchNormalization(synchronized=True))
-        finally:
-            keras.distribution.set_distribution(previous)
         self.assert_global_statistics(layer)
 
     def test_single_replica_equals_unsynchronized(self):

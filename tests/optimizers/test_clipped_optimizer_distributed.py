@@ -1,4 +1,5 @@
-"""ClippedOptimizer under tf.distribute.MirroredStrategy (TensorFlow only)."""
+"""ClippedOptimizer under a distribution: tf.distribute.MirroredStrategy
+(TensorFlow) and keras.distribution.DataParallel (JAX)."""
 
 import unittest
 
@@ -7,6 +8,7 @@ import numpy as np
 
 from kreg.optimizers import ClippedOptimizer
 from kreg.testing import TestCase
+from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
 
 @unittest.skipUnless(keras.backend.backend() == "tensorflow",
@@ -91,6 +93,59 @@ class MirroredStrategyTest(TestCase):
         ]).get_weights()
         model, opt = self._train(mirrored, {"global_clipnorm": 1.0}, x, y,
                                  weights)
+        for a, b in zip(model.get_weights(), weights):
+            self.assertAllEqual(a, b)
+        self.assertEqual(int(self.to_numpy(opt.skipped_steps)), 2)
+        self.assertEqual(int(self.to_numpy(opt.iterations)), 0)
+
+
+@unittest.skipUnless(keras.backend.backend() == "jax",
+                     "keras.distribution.DataParallel on JAX")
+class JaxDataParallelTest(TestCase):
+    def _train(self, kwargs, x, y, weights):
+        model = keras.Sequential([
+            keras.Input((5,)),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(1),
+        ])
+        model.set_weights(weights)
+        optimizer = ClippedOptimizer(keras.optimizers.SGD(0.1), **kwargs)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=len(x), epochs=2, verbose=0,
+                  shuffle=False)
+        return model, optimizer
+
+    def _data(self):
+        rng = np.random.RandomState(0)
+        x = rng.randn(16, 5).astype("float32")
+        y = (3.0 * rng.randn(16, 1)).astype("float32")
+        weights = keras.Sequential([
+            keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dense(1)
+        ]).get_weights()
+        return x, y, weights
+
+    def test_update_equals_single_device_update(self):
+        x, y, weights = self._data()
+        for kwargs in [{"global_clipnorm": 0.5}, {"clipvalue": 0.2},
+                       {"clipnorm": 0.3, "agc_factor": 0.5}]:
+            one, one_opt = self._train(kwargs, x, y, weights)
+            with jax_data_parallel():
+                two, two_opt = self._train(kwargs, x, y, weights)
+                # The batch really was split over the two devices.
+                sharding = two.trainable_variables[0].value.sharding
+                self.assertEqual(len(sharding.device_set), 2)
+            for a, b in zip(two.get_weights(), one.get_weights()):
+                self.assertAllClose(a, b, atol=1e-5, rtol=1e-5)
+            self.assertAllClose(two_opt.grad_norm, one_opt.grad_norm,
+                                rtol=1e-5)
+            self.assertEqual(int(self.to_numpy(two_opt.clipped_steps)), 2)
+
+    def test_poisoned_half_batch_skips_the_step(self):
+        x, y, weights = self._data()
+        x[12, 0] = np.inf  # in the second device's half of the batch
+        with jax_data_parallel():
+            model, opt = self._train({"global_clipnorm": 1.0}, x, y,
+                                     weights)
         for a, b in zip(model.get_weights(), weights):
             self.assertAllEqual(a, b)
         self.assertEqual(int(self.to_numpy(opt.skipped_steps)), 2)
