@@ -67,7 +67,7 @@ def main():
     monitor = "--monitor" in sys.argv
     if monitor:
         sys.argv.remove("--monitor")
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, steps=40, rounds=31)
     batches, source = mnist_train_batches(
         args.mnist_dir, args.batch_size, args.steps
     )

