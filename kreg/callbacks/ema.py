@@ -280,7 +280,10 @@ class EMA(keras.callbacks.Callback):
         self._averaged_in_model = False
         self._epoch_view = False
         self._backup = None
+        if self._updater is not None:
+            self._updater.detach()
         self._build()
+        self._updater.attach()
         self._pending = None
         if self.backup_dir is not None:
             self._pending = _shared.load_state(self.backup_dir, _STATE_NAME)
@@ -345,6 +348,7 @@ class EMA(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._in_fit = False
         self._flush()
+        self._updater.detach()
         if self._epoch_view:
             self._epoch_view = False
             if self._averaged_in_model and not self._shadow_in_model():
@@ -610,6 +614,8 @@ class _Updater:
             self._arrays = None
             self._index = self._state_index()
             self.update = self._jax_update
+            self._fused = None  # (model, original train_function) if fused
+            self._armed = False
         elif self.backend == "torch":
             self.update = self._torch_update
         else:
@@ -662,6 +668,10 @@ class _Updater:
         return [t.value for t in self.targets], self.iterations.value
 
     def _jax_update(self):
+        if self._fused is not None:
+            # The train step itself updates the shadow; let it, once.
+            self._armed = True
+            return
         weights, iteration = self._jax_current()
         if self._arrays is None:
             self._arrays = (
@@ -670,6 +680,98 @@ class _Updater:
             )
         shadows, count, last = self._arrays
         self._arrays = self._jitted(shadows, weights, count, last, iteration)
+
+    def _jax_can_fuse(self):
+        model = self.model
+        try:
+            nnx = keras.config.is_nnx_enabled()
+        except AttributeError:
+            nnx = False
+        return (
+            model.train_function is not None
+            and getattr(model, "history", None) is not None
+            and model.jit_compile and not model.run_eagerly and not nnx
+            and keras.distribution.distribution() is None
+            and self._index[1] is not None
+            and self._index[1][0] == "optimizer_variables"
+        )
+
+    def attach(self):
+        """Fuses the update into the model's jitted train step (JAX).
+
+        One XLA program then takes the optimizer step and the EMA step: no
+        second dispatch per batch, and XLA fuses the shadow update into the
+        optimizer's pass over the weights. The model's `train_function` is
+        wrapped for this `fit` only (`detach` restores it); a step the EMA
+        did not arm (`on_train_batch_begin`), or one in another fit (another
+        `model.history`), runs the original function, so an interrupted fit
+        leaves no EMA in later fits. Without `jit_compile`,
+        under a `keras.distribution` or with NNX, the separate call is kept.
+        """
+        if self.backend != "jax" or self._fused is not None:
+            return
+        if not self._jax_can_fuse():
+            return
+        import jax
+
+        model = self.model
+        original = model.train_function
+        targets_index, (_, iterations_position) = self._index
+        config = self.config
+
+        def step(state, arrays, data):
+            logs, state = model.train_step(state, data)
+            groups = {
+                "trainable_variables": state[0],
+                "non_trainable_variables": state[1],
+                "optimizer_variables": state[2],
+            }
+            weights = [groups[key][i] for key, i in targets_index]
+            iteration = state[2][iterations_position]
+            shadows, count, last = arrays
+            return logs, state, _ema_math(
+                shadows, weights, count, last, iteration, config
+            )
+
+        # Compiled once per train function (a new `compile` makes a new
+        # one), not once per fit.
+        cached = getattr(self, "_jitted_step", None)
+        if cached is not None and cached[0] is original:
+            jitted = cached[1]
+        else:
+            jitted = jax.jit(step, donate_argnums=(0, 1))
+            self._jitted_step = (original, jitted)
+
+        # This fit's History: a later fit (after an interrupted one that
+        # left this wrapper in place) has another.
+        fit_token = getattr(model, "history", None)
+
+        def train_function(state, iterator):
+            if not self._armed or model.history is not fit_token:
+                return original(state, iterator)
+            self._armed = False
+            if self._arrays is None:
+                self._arrays = (
+                    [_copy(s.value) for s in self.shadows],
+                    _copy(self.count.value), _copy(self.last.value),
+                )
+            logs, state, self._arrays = jitted(
+                state, self._arrays, next(iterator)
+            )
+            return logs, state
+
+        model.train_function = train_function
+        self._fused = (model, original, train_function)
+
+    def detach(self):
+        """Gives the model its own train function back."""
+        if getattr(self, "_fused", None) is None:
+            return
+        model, original, wrapper = self._fused
+        if model.train_function is wrapper:
+            model.train_function = original
+        self._fused = None
+        self._armed = False
 
     # PyTorch ------------------------------------------------------------
     def _torch_update(self):
@@ -708,7 +810,8 @@ class _Updater:
 
     def flush(self):
         """Brings pending updates into the shadow variables."""
-        self.update()
+        if getattr(self, "_fused", None) is None:
+            self.update()
         if self.backend == "jax" and self._arrays is not None:
             shadows, count, last = self._arrays
             for shadow, value in zip(self.shadows, shadows):

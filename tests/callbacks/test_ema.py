@@ -1,5 +1,6 @@
 import os
 import tempfile
+import unittest
 
 import keras
 import numpy as np
@@ -42,13 +43,31 @@ def numpy_ema(initial, trajectory, decay, warmup_power=None):
     return shadow
 
 
+class InterruptBatch(keras.callbacks.Callback):
+    """Raises `RuntimeError("interrupted")` when batch `batch` begins."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.batch:
+            raise RuntimeError("interrupted")
+
+
 class EMATest(TestCase):
     def setUp(self):
         super().setUp()
         self.x, self.y = data()
         self.xv, self.yv = data(16, seed=1)
 
-    def model(self, seed=5, bn=False, jit=False):
+    # Compile without XLA by default (fast on TensorFlow); the JAX subclass
+    # below runs every test again with the jitted (fused) train step.
+    jit_default = False
+
+    def model(self, seed=5, bn=False, jit=None):
+        if jit is None:
+            jit = self.jit_default
         keras.utils.set_random_seed(seed)
         layers = [keras.Input((4,)), keras.layers.Dense(8, activation="tanh")]
         if bn:
@@ -211,3 +230,30 @@ class EMATest(TestCase):
         with self.assertRaisesRegex(ValueError, "pass it to `model.fit`"):
             EMA().swap_in()
         self.run_config_round_trip(EMA(decay=0.9, warmup=True))
+
+
+@unittest.skipUnless(keras.backend.backend() == "jax",
+                     "the EMA update is fused into the jitted step on JAX")
+class EMAFusedStepTest(EMATest):
+    """Every EMA test with the update inside JAX's jitted train step."""
+
+    jit_default = True
+
+    def test_train_function_restored_and_not_armed_after_interruption(self):
+        model = self.model()
+        original = model.make_train_function() or model.train_function
+        ema = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [ema], epochs=1, validation=False)
+        self.assertIs(model.train_function, original)
+        self.assertEqual(ema.steps, 6)
+        # An exception in the middle of an epoch skips on_train_end: the
+        # wrapped train function is left behind, but unarmed.
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            self.fit(model, [ema, InterruptBatch(2)], epochs=1,
+                     validation=False)
+        self.assertEqual(ema.steps, 2)  # each fit restarts the average
+        before = [self.to_numpy(s) for s in ema.shadow_variables]
+        self.fit(model, [], epochs=1, validation=False)
+        self.assertEqual(ema.steps, 2)
+        for a, b in zip(ema.shadow_variables, before):
+            self.assertAllEqual(a, b)
