@@ -169,6 +169,9 @@ def run_config(name, args, batch_size):
           f"(target <= 1.05): {'OK' if builtin <= 1.05 else 'OVER'}")
     print(f"[{name}] hand-written / kreg EMA: {hand:.2f} (target >= 2): "
           f"{'OK' if hand >= 2 else 'UNDER'}")
+    added = extra["hand-written NumPy EMA"] / max(extra["kreg EMA"], 1e-3)
+    print(f"[{name}] time added by the EMA, hand-written / kreg: "
+          f"{added:.1f}x")
 
 
 def main():
