@@ -9,8 +9,10 @@ Two configurations (``--config``):
   (8): the per-step cost is dominated by touching the weights, where an EMA
   (which touches every weight again) matters most.
 
-SGD. For each configuration four models start from the same weights; each
-round runs one ``fit`` epoch of ``--steps`` batches per variant, interleaved
+SGD. For each configuration one model is fit without EMA, with kreg's EMA
+and with the hand-written one (one model: the same compiled step and
+buffers), a second model from the same weights with Keras's EMA; each round
+runs one ``fit`` epoch of ``--steps`` batches per variant, interleaved
 (order reversed every other round). Keras's built-in is the optimizer's
 ``use_ema=True`` (updated inside the optimizer step). The hand-written
 callback is what users write: ``get_weights`` and NumPy arithmetic after
@@ -114,10 +116,20 @@ def run_config(name, args, batch_size):
         "hand-written NumPy EMA": lambda: [NumpyEMA()],
     }
     models, callbacks = {}, {}
+    shared = None
     for variant, make_callbacks in variants.items():
+        use_ema = variant.startswith("Keras")
+        callbacks[variant] = make_callbacks()
+        if shared is not None and not use_ema:
+            # The callback variants share one model (same compiled step,
+            # same buffers): differences between model instances would
+            # otherwise show up as EMA cost.
+            models[variant] = shared
+            timed_fit(shared, x[: 3 * batch_size], y[: 3 * batch_size],
+                      batch_size, callbacks[variant])
+            continue
         keras.utils.set_random_seed(0)
         model = mlp(keras, hidden=hidden)
-        use_ema = variant.startswith("Keras")
         model.compile(
             optimizer=keras.optimizers.SGD(
                 0.01, use_ema=use_ema, ema_momentum=DECAY
@@ -126,7 +138,8 @@ def run_config(name, args, batch_size):
             jit_compile=jit_compile_value(args.jit_compile),
         )
         models[variant] = model
-        callbacks[variant] = make_callbacks()
+        if not use_ema:
+            shared = model
         # Warm-up: compiles the train step (and the EMA update).
         timed_fit(model, x[: 3 * batch_size], y[: 3 * batch_size],
                   batch_size, callbacks[variant])

@@ -561,14 +561,19 @@ def _ema_math(shadows, weights, count, last, iteration, config):
 
 
 class _Updater:
-    """Applies pending EMA updates with one compiled call.
+    """Runs the EMA update, fused into the train step where it can.
 
-    Called before every train step (``on_train_batch_begin``) and before the
-    averaged weights are read (validation, swaps, state, end of training),
-    it folds in the optimizer step just taken, if any. Doing it at the start
-    of the next step instead of in ``on_train_batch_end`` keeps Keras's
-    asynchronous callback dispatch (a batch-end hook forces every step's logs
-    to the host and serializes the loop).
+    Fused (`attach`; TensorFlow and JAX with a compiled train step, no
+    distribution): the model's train function takes the optimizer step and
+    the EMA step in one compiled program; calling the updater
+    (``on_train_batch_begin``) arms the next step.
+
+    Otherwise one compiled call per step: called before every train step
+    and before the averaged weights are read (validation, swaps, state, end
+    of training), it folds in the optimizer step just taken, if any. Doing
+    it at the start of the next step instead of in ``on_train_batch_end``
+    keeps Keras's asynchronous callback dispatch (a batch-end hook forces
+    every step's logs to the host and serializes the loop).
     """
 
     def __init__(self, model, targets, shadows, count, last, config):
@@ -580,6 +585,9 @@ class _Updater:
         self.config = config
         self.iterations = model.optimizer.iterations
         self.backend = keras.backend.backend()
+        self._fused = None  # (model, original, wrapper) while fused
+        self._fused_cache = None  # (original train function, fused one)
+        self._armed = False
         if self.backend == "tensorflow":
             import tensorflow as tf
 
@@ -598,6 +606,7 @@ class _Updater:
             # faster on CPU than the unfused graph); without XLA (or where
             # it cannot compile, e.g. some distributed variables) the plain
             # graph is used.
+            self._tf_update_body = update
             self._tf_plain = tf.function(update, autograph=False)
             self._tf_xla = tf.function(update, autograph=False,
                                        jit_compile=True)
@@ -614,8 +623,6 @@ class _Updater:
             self._arrays = None
             self._index = self._state_index()
             self.update = self._jax_update
-            self._fused = None  # (model, original train_function) if fused
-            self._armed = False
         elif self.backend == "torch":
             self.update = self._torch_update
         else:
@@ -668,55 +675,98 @@ class _Updater:
         return [t.value for t in self.targets], self.iterations.value
 
     def _jax_update(self):
-        if self._fused is not None:
-            # The train step itself updates the shadow; let it, once.
-            self._armed = True
-            return
         weights, iteration = self._jax_current()
         if self._arrays is None:
-            self._arrays = (
-                [_copy(s.value) for s in self.shadows],
-                _copy(self.count.value), _copy(self.last.value),
-            )
+            self._arrays = self._jax_arrays()
         shadows, count, last = self._arrays
         self._arrays = self._jitted(shadows, weights, count, last, iteration)
 
-    def _jax_can_fuse(self):
+    def _jax_arrays(self):
+        # Copies: the jitted update donates (reuses) its input buffers.
+        return (
+            [_copy(s.value) for s in self.shadows],
+            _copy(self.count.value), _copy(self.last.value),
+        )
+
+    # Fused into the train step -------------------------------------------
+    def attach(self):
+        """Fuses the update into the model's compiled train step.
+
+        One compiled program then takes the optimizer step and the EMA step:
+        no second dispatch per batch, and XLA fuses the shadow update into
+        the optimizer's pass over the weights. The model's `train_function`
+        is replaced for this `fit` only (`detach` restores it); a step the
+        EMA did not arm (`on_train_batch_begin`), or one in another fit
+        (another `model.history`), runs the original function, so an
+        interrupted fit leaves no EMA in later fits. Under a distribution
+        (`tf.distribute`, `keras.distribution`), with JAX's `jit_compile=False`
+        or NNX, and on PyTorch, the separate call per step is kept.
+        """
+        if self._fused is not None:
+            self.detach()
+        model = self.model
+        original = model.train_function
+        if (
+            original is None or model.run_eagerly
+            or getattr(model, "history", None) is None
+            or model.steps_per_execution != 1
+        ):
+            return
+        if self.backend == "jax":
+            fused = self._jax_fused_function(original)
+        elif self.backend == "tensorflow":
+            fused = self._tf_fused_function(original)
+        else:
+            fused = None
+        if fused is None:
+            return
+        # This fit's History: a later fit (after an interrupted one that
+        # left this wrapper in place) has another.
+        fit_token = model.history
+
+        def train_function(*args):
+            if not self._armed or model.history is not fit_token:
+                return original(*args)
+            self._armed = False
+            return fused(*args)
+
+        model.train_function = train_function
+        self._fused = (model, original, train_function)
+
+    def detach(self):
+        """Gives the model its own train function back."""
+        if self._fused is None:
+            return
+        model, original, wrapper = self._fused
+        if model.train_function is wrapper:
+            model.train_function = original
+        self._fused = None
+        self._armed = False
+
+    def _cached(self, original, build):
+        # Compiled once per train function (a new `compile` makes a new
+        # one), not once per fit.
+        cache = self._fused_cache
+        if cache is None or cache[0] is not original:
+            cache = self._fused_cache = (original, build())
+        return cache[1]
+
+    def _jax_fused_function(self, original):
         model = self.model
         try:
             nnx = keras.config.is_nnx_enabled()
         except AttributeError:
             nnx = False
-        return (
-            model.train_function is not None
-            and getattr(model, "history", None) is not None
-            and model.jit_compile and not model.run_eagerly and not nnx
-            and keras.distribution.distribution() is None
-            and self._index[1] is not None
-            and self._index[1][0] == "optimizer_variables"
-        )
-
-    def attach(self):
-        """Fuses the update into the model's jitted train step (JAX).
-
-        One XLA program then takes the optimizer step and the EMA step: no
-        second dispatch per batch, and XLA fuses the shadow update into the
-        optimizer's pass over the weights. The model's `train_function` is
-        wrapped for this `fit` only (`detach` restores it); a step the EMA
-        did not arm (`on_train_batch_begin`), or one in another fit (another
-        `model.history`), runs the original function, so an interrupted fit
-        leaves no EMA in later fits. Without `jit_compile`,
-        under a `keras.distribution` or with NNX, the separate call is kept.
-        """
-        if self.backend != "jax" or self._fused is not None:
-            return
-        if not self._jax_can_fuse():
-            return
+        targets_index, iterations_index = self._index
+        if (
+            not model.jit_compile or nnx
+            or keras.distribution.distribution() is not None
+            or iterations_index is None
+            or iterations_index[0] != "optimizer_variables"
+        ):
+            return None
         import jax
 
-        model = self.model
-        original = model.train_function
-        targets_index, (_, iterations_position) = self._index
         config = self.config
 
         def step(state, arrays, data):
@@ -727,51 +777,47 @@ class _Updater:
                 "optimizer_variables": state[2],
             }
             weights = [groups[key][i] for key, i in targets_index]
-            iteration = state[2][iterations_position]
+            iteration = state[2][iterations_index[1]]
             shadows, count, last = arrays
             return logs, state, _ema_math(
                 shadows, weights, count, last, iteration, config
             )
 
-        # Compiled once per train function (a new `compile` makes a new
-        # one), not once per fit.
-        cached = getattr(self, "_jitted_step", None)
-        if cached is not None and cached[0] is original:
-            jitted = cached[1]
-        else:
-            jitted = jax.jit(step, donate_argnums=(0, 1))
-            self._jitted_step = (original, jitted)
+        jitted = self._cached(
+            original, lambda: jax.jit(step, donate_argnums=(0, 1))
+        )
 
-        # This fit's History: a later fit (after an interrupted one that
-        # left this wrapper in place) has another.
-        fit_token = getattr(model, "history", None)
-
-        def train_function(state, iterator):
-            if not self._armed or model.history is not fit_token:
-                return original(state, iterator)
-            self._armed = False
+        def fused(state, iterator):
             if self._arrays is None:
-                self._arrays = (
-                    [_copy(s.value) for s in self.shadows],
-                    _copy(self.count.value), _copy(self.last.value),
-                )
+                self._arrays = self._jax_arrays()
             logs, state, self._arrays = jitted(
                 state, self._arrays, next(iterator)
             )
             return logs, state
 
-        model.train_function = train_function
-        self._fused = (model, original, train_function)
+        return fused
 
-    def detach(self):
-        """Gives the model its own train function back."""
-        if getattr(self, "_fused", None) is None:
-            return
-        model, original, wrapper = self._fused
-        if model.train_function is wrapper:
-            model.train_function = original
-        self._fused = None
-        self._armed = False
+    def _tf_fused_function(self, original):
+        import tensorflow as tf
+
+        model = self.model
+        if (
+            tf.distribute.has_strategy()
+            or getattr(model, "_distribute_strategy", None) is not None
+            or not hasattr(model, "_make_function")
+        ):
+            return None
+        train_step = model.train_step
+        update = self._tf_update_body
+
+        def step(data):
+            logs = train_step(data)
+            update()  # after the optimizer step (variable reads are ordered)
+            return logs
+
+        # Keras builds the same function around the new step (XLA when
+        # `jit_compile`): the EMA is part of the compiled train step.
+        return self._cached(original, lambda: model._make_function(step))
 
     # PyTorch ------------------------------------------------------------
     def _torch_update(self):
@@ -806,11 +852,15 @@ class _Updater:
         self.last.assign(last)
 
     def __call__(self):
-        self.update()
+        if self._fused is not None:
+            # The train step itself updates the shadow; let it, once.
+            self._armed = True
+        else:
+            self.update()
 
     def flush(self):
         """Brings pending updates into the shadow variables."""
-        if getattr(self, "_fused", None) is None:
+        if self._fused is None:
             self.update()
         if self.backend == "jax" and self._arrays is not None:
             shadows, count, last = self._arrays

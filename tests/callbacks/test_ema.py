@@ -61,8 +61,8 @@ class EMATest(TestCase):
         self.x, self.y = data()
         self.xv, self.yv = data(16, seed=1)
 
-    # Compile without XLA by default (fast on TensorFlow); the JAX subclass
-    # below runs every test again with the jitted (fused) train step.
+    # Compile without XLA by default (fast on TensorFlow); the subclass
+    # below runs every test again with the XLA-compiled train step.
     jit_default = False
 
     def model(self, seed=5, bn=False, jit=None):
@@ -232,10 +232,10 @@ class EMATest(TestCase):
         self.run_config_round_trip(EMA(decay=0.9, warmup=True))
 
 
-@unittest.skipUnless(keras.backend.backend() == "jax",
-                     "the EMA update is fused into the jitted step on JAX")
+@unittest.skipUnless(keras.backend.backend() in ("jax", "tensorflow"),
+                     "the EMA update is fused into compiled train steps")
 class EMAFusedStepTest(EMATest):
-    """Every EMA test with the update inside JAX's jitted train step."""
+    """Every EMA test with the update inside the XLA-compiled train step."""
 
     jit_default = True
 
