@@ -47,6 +47,10 @@ class EarlyStopping(keras.callbacks.Callback):
       validates with the averaged weights), the weights kept and restored are
       the averaged ones that produced the best ``val_*`` value, so the model
       reproduces the best logged value; Keras's built-in restores raw weights.
+      A monitor computed with the raw weights (training logs such as
+      ``"loss"``, or ``val_*`` with ``EMA(validate_with_averaged=False)``)
+      keeps and restores the raw weights of the best epoch, in either order
+      of the two callbacks.
     - Its state (best value, best epoch, wait counter, best weights) survives
       an interrupted training: with ``backup_dir`` it is written there at the
       end of every epoch and read back when the next ``fit`` begins, so a
@@ -251,13 +255,13 @@ class EarlyStopping(keras.callbacks.Callback):
     def _weights_to_keep(self):
         """The weights that produced the monitored value."""
         ema = _shared.lookup(self, "ema")
-        if (
-            ema is not None
-            and self.monitor.startswith("val_")
-            and ema.validate_with_averaged
-        ):
+        if ema is None or ema._shadows is None:
+            return self.model.get_weights()
+        if self.monitor.startswith("val_") and ema.validate_with_averaged:
             return ema.averaged_model_weights()
-        return self.model.get_weights()
+        # Training logs (and validation without averages) come from the
+        # raw weights, whatever the EMA has swapped in for this epoch's end.
+        return ema.raw_model_weights()
 
     def _monitor_value(self, logs):
         logs = logs or {}

@@ -181,6 +181,18 @@ class EMA(keras.callbacks.Callback):
             for w in self.model.weights
         ]
 
+    def raw_model_weights(self):
+        """``model.get_weights()`` with the raw values, even while the
+        averaged weights are swapped in."""
+        self._check_started()
+        if not (self._averaged_in_model and self._backup is not None):
+            return self.model.get_weights()
+        by_id = {id(v): b for v, b in zip(self._targets, self._backup)}
+        return [
+            keras.ops.convert_to_numpy(by_id.get(id(w), w.value))
+            for w in self.model.weights
+        ]
+
     def swap_in(self):
         """Puts the averaged weights into the model (no-op if already in)."""
         self._check_started()

@@ -178,6 +178,38 @@ class EMATest(TestCase):
                     rtol=1e-5,
                 )
 
+    def test_early_stopping_on_training_loss_restores_raw_weights(self):
+        class RecordEpochWeights(keras.callbacks.Callback):
+            # Listed first: sees the raw weights at each epoch's end.
+            def on_train_begin(self, logs=None):
+                self.weights = []
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.weights.append(self.model.get_weights())
+
+        for order in ("ema first", "stop first"):
+            with self.subTest(order=order):
+                stop = EarlyStopping(monitor="loss", patience=10,
+                                     restore_best_weights=True)
+                ema = EMA(decay=0.7)
+                record = RecordEpochWeights()
+                callbacks = [record, ema, stop]
+                if order == "stop first":
+                    callbacks = [record, stop, ema]
+                model = self.model()
+                history = self.fit(model, callbacks, epochs=4,
+                                   validation=False)
+                best = int(np.argmin(history.history["loss"]))
+                self.assertEqual(stop.best_epoch, best)
+                for w, raw in zip(model.get_weights(), record.weights[best]):
+                    self.assertAllClose(w, raw, atol=1e-6)
+                # ... which differ from the averaged ones.
+                self.assertGreater(
+                    max(np.max(np.abs(self.to_numpy(s) - r)) for s, r in
+                        zip(ema.shadow_variables, record.weights[best])),
+                    1e-4,
+                )
+
     def test_reuse_restarts_from_current_weights(self):
         model = self.model()
         ema = EMA(decay=0.9)
