@@ -358,8 +358,8 @@ class EMA(keras.callbacks.Callback):
         self._unswap_after_inference()
 
     def on_train_end(self, logs=None):
-        self._in_fit = False
         self._flush()
+        self._in_fit = False
         self._updater.detach()
         if self._epoch_view:
             self._epoch_view = False
@@ -458,7 +458,9 @@ class EMA(keras.callbacks.Callback):
         self._swapped_for_inference = False
 
     def _flush(self):
-        if self._updater is not None:
+        # Outside fit the optimizer may move on (another fit, a second
+        # training phase): those steps are not this average's.
+        if self._updater is not None and self._in_fit:
             self._updater.flush()
 
     def _check_started(self):

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kreg.callbacks import EarlyStopping, RetrainOnFullData
+from kreg.callbacks import EMA, EarlyStopping, RetrainOnFullData
 from kreg.testing import TestCase
 
 
@@ -68,6 +68,34 @@ class RetrainTest(TestCase):
         self.assertIs(model.history, history)
         self.assertEqual(len(retrain.retrain_history.epoch),
                          retrain.retrain_epochs)
+
+    def test_with_an_ema_in_each_phase(self):
+        # README's example: one EMA averages phase 1, another phase 2, with
+        # the compiled train step (where the EMA is fused into it).
+        for order in ("ema first", "ema last"):
+            with self.subTest(order=order):
+                model = self.model(jit=True)
+                original = (model.make_train_function()
+                            or model.train_function)
+                outer, inner = EMA(decay=0.8), EMA(decay=0.8)
+                stop = EarlyStopping(patience=2, restore_best_weights=True)
+                retrain = RetrainOnFullData(self.x_full, self.y_full,
+                                            batch_size=16, callbacks=[inner])
+                callbacks = [outer, stop, retrain]
+                if order == "ema last":
+                    callbacks = [retrain, stop, outer]
+                history = self.fit(model, callbacks)
+                phase1 = stop.stopped_epoch + 1
+                self.assertEqual(outer.steps, 3 * phase1)  # 48 / 16
+                self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+                self.assertEqual(inner.steps, 4 * retrain.retrain_epochs)
+                self.assertEqual(history.history["phase"].count(2),
+                                 retrain.retrain_epochs)
+                # Phase 2's averaged weights are what the model keeps.
+                for w, s in zip(model.trainable_variables,
+                                inner.shadow_variables):
+                    self.assertAllClose(w, s, atol=1e-6)
+                self.assertIs(model.train_function, original)
 
     def test_restart_lengths_and_dataset(self):
         # 3 train batches of 16 per epoch, 4 full batches of 16 per epoch.
