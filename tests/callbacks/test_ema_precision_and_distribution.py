@@ -1,6 +1,7 @@
-"""EMA under mixed_float16 (all backends) and tf.distribute.MirroredStrategy
-(TensorFlow): the shadow is float32 and follows a NumPy recomputation of the
-weight trajectory recorded batch by batch."""
+"""EMA under mixed_float16 (all backends), tf.distribute.MirroredStrategy
+(TensorFlow) and keras.distribution.DataParallel (JAX): the shadow is
+float32 and follows a NumPy recomputation of the weight trajectory recorded
+batch by batch."""
 
 import unittest
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from kreg.callbacks import EMA
 from kreg.testing import TestCase
+from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
 
 
@@ -123,5 +125,29 @@ class EMAPrecisionAndDistributionTest(TestCase):
                                       ema.shadow_variables):
                 for replica in weight.value.values:
                     self.assertAllEqual(replica, shadow)
+            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
+                                history.history["val_loss"][-1], rtol=1e-5)
+
+    @unittest.skipUnless(keras.backend.backend() == "jax",
+                         "keras.distribution.DataParallel on JAX")
+    def test_jax_data_parallel(self):
+        x, y = data()
+        xv, yv = data(16, seed=1)
+        with jax_data_parallel():
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                          loss="mse")
+            record = RecordSteps()
+            ema = EMA(decay=0.8)
+            history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                                verbose=0, callbacks=[record, ema],
+                                validation_data=(xv, yv))
+            self.assertEqual(
+                len(model.trainable_variables[0].value.sharding.device_set), 2
+            )
+            self.check_follows_numpy(model, ema, record, 0.8)
+            for weight, shadow in zip(model.trainable_variables,
+                                      ema.shadow_variables):
+                self.assertAllEqual(weight, shadow)
             self.assertAllClose(model.evaluate(xv, yv, verbose=0),
                                 history.history["val_loss"][-1], rtol=1e-5)
