@@ -716,8 +716,6 @@ class _Updater:
         (`tf.distribute`, `keras.distribution`), with JAX's `jit_compile=False`
         or NNX, and on PyTorch, the separate call per step is kept.
         """
-        if self._fused is not None:
-            self.detach()
         model = self.model
         original = model.train_function
         if (
