@@ -638,7 +638,10 @@ class _Updater:
             self._index = self._state_index()
             self.update = self._jax_update
         elif self.backend == "torch":
-            self.update = self._torch_update
+            if self._torch_counter_on_host():
+                self.update = self._torch_update
+            else:
+                self.update = self._torch_update_on_device
         else:
             self.update = self._eager_update
 
@@ -851,6 +854,40 @@ class _Updater:
             )
         self.count.assign(count)
         self.last.assign(iteration)
+
+    def _torch_counter_on_host(self):
+        return self.iterations.value.device.type == "cpu"
+
+    def _torch_update_on_device(self):
+        """The update without reading the step counter on the host.
+
+        On an accelerator `int(counter)` would wait for the step to finish
+        (twice per step), stalling Keras's asynchronous loop: the decision
+        "did the optimizer step?" becomes a weight of 0 instead of a branch.
+        """
+        import torch
+
+        decay, warmup, power, accumulation = self.config
+        with torch.no_grad():
+            iteration = self.iterations.value
+            last = self.last.value
+            count = self.count.value
+            changed = torch.ne(iteration, last)
+            if accumulation > 1:
+                changed = changed & torch.eq(iteration % accumulation, 0)
+            count.add_(changed.to(count.dtype))
+            one_minus_d = torch.full((), 1.0 - decay, device=count.device)
+            if warmup:
+                t = count.to(torch.float32).clamp(min=1.0)
+                one_minus_d = torch.maximum(one_minus_d, t.pow(-power))
+            weight = torch.where(changed, one_minus_d, 0.0)
+            # s <- s + (1 - d) * (w - s), in three multi-tensor kernels.
+            shadows = [s.value for s in self.shadows]
+            steps = torch._foreach_sub([t.value for t in self.targets],
+                                       shadows)
+            torch._foreach_mul_(steps, weight)
+            torch._foreach_add_(shadows, steps)
+            last.copy_(iteration)
 
     def _eager_update(self):
         new, count, last = _ema_math(

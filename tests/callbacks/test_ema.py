@@ -1,6 +1,8 @@
+import importlib
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import keras
 import numpy as np
@@ -289,3 +291,25 @@ class EMAFusedStepTest(EMATest):
         self.assertEqual(ema.steps, 2)
         for a, b in zip(ema.shadow_variables, before):
             self.assertAllEqual(a, b)
+
+
+@unittest.skipUnless(keras.backend.backend() == "torch", "PyTorch's update")
+class EMATorchOnDeviceUpdateTest(EMATest):
+    """Every EMA test with the PyTorch update meant for accelerators (the
+    step counter never read on the host), forced on the CPU."""
+
+    def setUp(self):
+        super().setUp()
+        module = importlib.import_module("kreg.callbacks.ema")
+        patcher = mock.patch.object(
+            module._Updater, "_torch_counter_on_host", return_value=False
+        )
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_the_device_update_is_used(self):
+        model = self.model()
+        ema = EMA(decay=0.5)
+        self.fit(model, [ema], epochs=1, validation=False)
+        self.assertEqual(ema._updater.update.__name__,
+                         "_torch_update_on_device")
