@@ -237,7 +237,7 @@ class FitTest(TestCase):
     def test_resume_after_interruption_gives_same_result(self):
         full = EarlyStopping(patience=2, restore_best_weights=True)
         model = self.model()
-        ref = self.fit(model, [full])
+        self.fit(model, [full])
         stop = full.stopped_epoch
         self.assertGreater(stop, 3)
         ref_weights = model.get_weights()
