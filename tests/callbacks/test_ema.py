@@ -9,6 +9,7 @@ import numpy as np
 
 from kreg.callbacks import EMA, EarlyStopping
 from kreg.testing import TestCase
+from tests.callbacks.helpers import Interrupt, InterruptBatch
 
 
 def data(n=48, seed=0):
@@ -43,18 +44,6 @@ def numpy_ema(initial, trajectory, decay, warmup_power=None):
             d = min(decay, 1.0 - t ** (-warmup_power))
         shadow = [d * s + (1 - d) * w for s, w in zip(shadow, weights)]
     return shadow
-
-
-class InterruptBatch(keras.callbacks.Callback):
-    """Raises `RuntimeError("interrupted")` when batch `batch` begins."""
-
-    def __init__(self, batch):
-        super().__init__()
-        self.batch = batch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.batch:
-            raise RuntimeError("interrupted")
 
 
 class EMATest(TestCase):
@@ -225,11 +214,6 @@ class EMATest(TestCase):
             self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
 
     def test_resume_after_interruption(self):
-        class Interrupt(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                if epoch == 2:
-                    raise RuntimeError("interrupted")
-
         model = self.model()
         full = EMA(decay=0.8, keep_averaged=False)
         self.fit(model, [full], epochs=4, validation=False)
@@ -239,7 +223,7 @@ class EMATest(TestCase):
             first = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)
             with self.assertRaisesRegex(RuntimeError, "interrupted"):
                 self.fit(model, [keras.callbacks.BackupAndRestore(backup),
-                                 first, Interrupt()], epochs=4,
+                                 first, Interrupt(2)], epochs=4,
                          validation=False)
             model = self.model()
             second = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)

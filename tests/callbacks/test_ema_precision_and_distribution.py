@@ -65,7 +65,30 @@ def small_model():
     ])
 
 
+VALIDATION = data(16, seed=1)
+
+
 class EMAPrecisionAndDistributionTest(TestCase):
+    def fit_with_ema(self, model, epochs, **ema_kwargs):
+        """Fits with `RecordSteps` and `EMA(0.8)`, validating on VALIDATION;
+        checks the shadow against NumPy. Returns `(ema, record, history)`."""
+        x, y = data()
+        record = RecordSteps()
+        ema = EMA(decay=0.8, **ema_kwargs)
+        history = model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False,
+                            verbose=0, callbacks=[record, ema],
+                            validation_data=VALIDATION)
+        self.check_follows_numpy(model, ema, record, 0.8)
+        return ema, record, history
+
+    def assert_averaged_weights_gave_val_loss(self, model, ema, history,
+                                              rtol):
+        for weight, shadow in zip(model.trainable_variables,
+                                  ema.shadow_variables):
+            self.assertAllEqual(weight, shadow)
+        self.assertAllClose(model.evaluate(*VALIDATION, verbose=0),
+                            history.history["val_loss"][-1], rtol=rtol)
+
     def check_follows_numpy(self, model, ema, record, decay):
         self.assertEqual(record.iterations[0], 1)
         expected, steps = numpy_ema(record, decay)
@@ -78,43 +101,26 @@ class EMAPrecisionAndDistributionTest(TestCase):
             self.assertAllClose(shadow, e, atol=1e-5, rtol=1e-5)
 
     def test_mixed_float16(self):
-        x, y = data()
-        xv, yv = data(16, seed=1)
         with self.mixed_precision("mixed_float16"):
             model = small_model()
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
             self.assertIsInstance(model.optimizer,
                                   keras.optimizers.LossScaleOptimizer)
-            record = RecordSteps()
-            ema = EMA(decay=0.8)
-            history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False,
-                                verbose=0, callbacks=[record, ema],
-                                validation_data=(xv, yv))
-            self.check_follows_numpy(model, ema, record, 0.8)
+            ema, _, history = self.fit_with_ema(model, epochs=3)
             # The averaged weights are in the model and gave the logged
             # validation loss (float16 compute: loose tolerance).
-            for weight, shadow in zip(model.trainable_variables,
-                                      ema.shadow_variables):
-                self.assertAllEqual(weight, shadow)
-            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
-                                history.history["val_loss"][-1], rtol=1e-3)
+            self.assert_averaged_weights_gave_val_loss(model, ema, history,
+                                                       rtol=1e-3)
 
     @unittest.skipUnless(keras.backend.backend() == "tensorflow",
                          "tf.distribute is TensorFlow only")
     def test_mirrored_strategy(self):
-        x, y = data()
-        xv, yv = data(16, seed=1)
-        strategy = mirrored_strategy()
-        with strategy.scope():
+        with mirrored_strategy().scope():
             model = small_model()
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
                           loss="mse")
-        record = RecordSteps()
-        ema = EMA(decay=0.8, keep_averaged=False)
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
-                            verbose=0, callbacks=[record, ema],
-                            validation_data=(xv, yv))
-        self.check_follows_numpy(model, ema, record, 0.8)
+        ema, record, history = self.fit_with_ema(model, epochs=2,
+                                                 keep_averaged=False)
         # keep_averaged=False: the raw weights are back, on both replicas.
         for weight, raw in zip(model.trainable_variables,
                                record.after_batch[-1]):
@@ -125,29 +131,19 @@ class EMAPrecisionAndDistributionTest(TestCase):
                                       ema.shadow_variables):
                 for replica in weight.value.values:
                     self.assertAllEqual(replica, shadow)
-            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
+            self.assertAllClose(model.evaluate(*VALIDATION, verbose=0),
                                 history.history["val_loss"][-1], rtol=1e-5)
 
     @unittest.skipUnless(keras.backend.backend() == "jax",
                          "keras.distribution.DataParallel on JAX")
     def test_jax_data_parallel(self):
-        x, y = data()
-        xv, yv = data(16, seed=1)
         with jax_data_parallel():
             model = small_model()
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
                           loss="mse")
-            record = RecordSteps()
-            ema = EMA(decay=0.8)
-            history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
-                                verbose=0, callbacks=[record, ema],
-                                validation_data=(xv, yv))
+            ema, _, history = self.fit_with_ema(model, epochs=2)
             self.assertEqual(
                 len(model.trainable_variables[0].value.sharding.device_set), 2
             )
-            self.check_follows_numpy(model, ema, record, 0.8)
-            for weight, shadow in zip(model.trainable_variables,
-                                      ema.shadow_variables):
-                self.assertAllEqual(weight, shadow)
-            self.assertAllClose(model.evaluate(xv, yv, verbose=0),
-                                history.history["val_loss"][-1], rtol=1e-5)
+            self.assert_averaged_weights_gave_val_loss(model, ema, history,
+                                                       rtol=1e-5)
