@@ -50,7 +50,7 @@ def clip_gradients(grads, clipvalue=None, clipnorm=None, global_clipnorm=None):
             tensors, torch.where(over, global_clipnorm / total, 1.0)
         )
     if acted:
-        clipped = torch.stack(acted).any() if len(acted) > 1 else acted[0]
+        clipped = torch.stack(acted).any()
     else:
         clipped = torch.zeros((), dtype=torch.bool, device=norm.device)
     statistics = {

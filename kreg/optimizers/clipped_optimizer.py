@@ -244,12 +244,13 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             global norm), `norms` (pre-clip norm per gradient, 0 for `None`)
             and `clipped` (bool scalar: some stage changed some gradient).
         """
-        if self._uses_torch_fast_path(grads):
+        if keras.backend.backend() == "torch" and self.agc_factor is None:
             from kreg.optimizers import _torch_clipping
 
-            return _torch_clipping.clip_gradients(
-                grads, self.clipvalue, self.clipnorm, self.global_clipnorm
-            )
+            if _torch_clipping.supports(grads):
+                return _torch_clipping.clip_gradients(
+                    grads, self.clipvalue, self.clipnorm, self.global_clipnorm
+                )
         positions = [i for i, g in enumerate(grads) if g is not None]
         tensors = [grads[i] for i in positions]
         squares = [_sum_of_squares(g) for g in tensors]
@@ -329,13 +330,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             "clipped": any_acted,
         }
         return clipped_grads, statistics
-
-    def _uses_torch_fast_path(self, grads):
-        if keras.backend.backend() != "torch" or self.agc_factor is not None:
-            return False
-        from kreg.optimizers import _torch_clipping
-
-        return _torch_clipping.supports(grads)
 
     def _agc(self, g, w):
         w = ops.cast(ops.convert_to_tensor(w), "float32")
