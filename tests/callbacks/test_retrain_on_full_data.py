@@ -1,6 +1,6 @@
 import keras
 import numpy as np
-import tensorflow as tf
+import pytest
 
 from kreg.callbacks import EMA, EarlyStopping, RetrainOnFullData
 from kreg.testing import TestCase
@@ -98,6 +98,7 @@ class RetrainTest(TestCase):
                 self.assertIs(model.train_function, original)
 
     def test_restart_lengths_and_dataset(self):
+        tf = pytest.importorskip("tensorflow")
         # 3 train batches of 16 per epoch, 4 full batches of 16 per epoch.
         for length in ("steps", "scaled"):
             with self.subTest(length=length):
