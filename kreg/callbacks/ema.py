@@ -148,6 +148,7 @@ class EMA(keras.callbacks.Callback):
         self._in_fit = False
         self._updater = None
         self._count = None
+        self._step_pending = False
 
     @property
     def steps(self):
@@ -297,6 +298,7 @@ class EMA(keras.callbacks.Callback):
         self._build()
         self._updater.attach()
         self._pending = None
+        self._step_pending = False
         if self.backup_dir is not None:
             self._pending = _shared.load_state(self.backup_dir, _STATE_NAME)
         self._started = False
@@ -314,8 +316,12 @@ class EMA(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         # Folds in the previous optimizer step (see `_Updater`).
         self._updater()
+        self._step_pending = True
 
     def on_epoch_end(self, epoch, logs=None):
+        # The epoch's last step, before an earlier callback's on_train_end
+        # may train on (see `_flush`).
+        self._flush()
         if self.validate_with_averaged and not self._averaged_in_model:
             # No validation ran this epoch: the epoch-end callbacks still
             # see the averaged weights (from here on in the list).
@@ -458,10 +464,13 @@ class EMA(keras.callbacks.Callback):
         self._swapped_for_inference = False
 
     def _flush(self):
-        # Outside fit the optimizer may move on (another fit, a second
-        # training phase): those steps are not this average's.
+        # Folds in the step of the last batch begun, once. Steps taken
+        # after it by anything but this fit's batches (another fit, a
+        # second training phase run from an earlier callback's
+        # on_train_end, or after this fit) are not this average's.
         if self._updater is not None and self._in_fit:
-            self._updater.flush()
+            self._updater.flush(fold_in=self._step_pending)
+            self._step_pending = False
 
     def _check_started(self):
         if self._shadows is None:
@@ -907,9 +916,10 @@ class _Updater:
         else:
             self.update()
 
-    def flush(self):
-        """Brings pending updates into the shadow variables."""
-        if self._fused is None:
+    def flush(self, fold_in=True):
+        """Brings pending updates into the shadow variables; with
+        `fold_in`, the optimizer step taken since the last update too."""
+        if self._fused is None and fold_in:
             self.update()
         if self.backend == "jax" and self._arrays is not None:
             shadows, count, last = self._arrays

@@ -214,7 +214,8 @@ class FitTest(TestCase):
         self.assertAllClose(ref.history["val_loss"], val, atol=1e-6)
         for a, b in zip(model.get_weights(), record.weights[cb.best_epoch]):
             self.assertAllClose(a, b)
-        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+        self.assertAllClose(model.evaluate(self.xv, self.yv, batch_size=16,
+                                           verbose=0),
                             min(val), rtol=1e-5)
 
     def test_restore_when_running_out_and_reuse(self):

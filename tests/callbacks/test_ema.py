@@ -95,13 +95,42 @@ class EMATest(TestCase):
                                   record.after_batch[-1]):
                     self.assertAllClose(w, raw)
 
+    def test_steps_of_a_later_phase_before_train_end_not_averaged(self):
+        # A callback listed before the EMA trains on in its on_train_end
+        # (as RetrainOnFullData does): those optimizer steps come after
+        # this fit's last batch, before the EMA's on_train_end, and are
+        # not this average's; the fit's last step is (also when nothing
+        # read the average at the end of the last epoch).
+        x, y = self.x, self.y
+
+        class TrainOn(keras.callbacks.Callback):
+            def on_train_end(self, logs=None):
+                self.model.fit(x[:24], y[:24], batch_size=8, epochs=1,
+                               verbose=0)
+
+        for validation in (True, False):
+            with self.subTest(validation=validation):
+                model = self.model()
+                record = RecordBatchWeights()
+                ema = EMA(decay=0.8, keep_averaged=False,
+                          validate_with_averaged=validation)
+                self.fit(model, [record, TrainOn(), ema], epochs=2,
+                         validation=validation)
+                self.assertEqual(int(self.to_numpy(
+                    model.optimizer.iterations)), 12 + 3)
+                self.assertEqual(ema.steps, 12)
+                expected = numpy_ema(record.initial, record.after_batch, 0.8)
+                for s, e in zip(ema.shadow_variables, expected):
+                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+
     def test_validation_uses_averaged_weights_and_kept_at_end(self):
         model = self.model()
         ema = EMA(decay=0.9)
         history = self.fit(model, [ema], epochs=2)
         # The model now holds the averaged weights: its loss is the
         # validation loss logged after the last epoch.
-        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+        self.assertAllClose(model.evaluate(self.xv, self.yv, batch_size=8,
+                                           verbose=0),
                             history.history["val_loss"][-1], rtol=1e-5)
         with ema.raw_weights():
             raw_loss = model.evaluate(self.xv, self.yv, verbose=0)
@@ -111,7 +140,8 @@ class EMATest(TestCase):
         model = self.model()
         ema = EMA(decay=0.9, validate_with_averaged=False, keep_averaged=False)
         history = self.fit(model, [ema], epochs=2)
-        self.assertAllClose(model.evaluate(self.xv, self.yv, verbose=0),
+        self.assertAllClose(model.evaluate(self.xv, self.yv, batch_size=8,
+                                           verbose=0),
                             history.history["val_loss"][-1], rtol=1e-5)
 
     def test_swap_in_out_exact_and_nothing_left_after_predict(self):
@@ -165,7 +195,8 @@ class EMATest(TestCase):
                 best = min(history.history["val_loss"])
                 self.assertAllClose(stop.best, best)
                 self.assertAllClose(
-                    model.evaluate(self.xv, -self.yv, verbose=0), best,
+                    model.evaluate(self.xv, -self.yv, batch_size=8,
+                                   verbose=0), best,
                     rtol=1e-5,
                 )
 

@@ -86,8 +86,9 @@ class EMAPrecisionAndDistributionTest(TestCase):
         for weight, shadow in zip(model.trainable_variables,
                                   ema.shadow_variables):
             self.assertAllEqual(weight, shadow)
-        self.assertAllClose(model.evaluate(*VALIDATION, verbose=0),
-                            history.history["val_loss"][-1], rtol=rtol)
+        self.assertAllClose(
+            model.evaluate(*VALIDATION, batch_size=8, verbose=0),
+            history.history["val_loss"][-1], rtol=rtol)
 
     def check_follows_numpy(self, model, ema, record, decay):
         self.assertEqual(record.iterations[0], 1)
@@ -131,8 +132,9 @@ class EMAPrecisionAndDistributionTest(TestCase):
                                       ema.shadow_variables):
                 for replica in weight.value.values:
                     self.assertAllEqual(replica, shadow)
-            self.assertAllClose(model.evaluate(*VALIDATION, verbose=0),
-                                history.history["val_loss"][-1], rtol=1e-5)
+            self.assertAllClose(
+                model.evaluate(*VALIDATION, batch_size=8, verbose=0),
+                history.history["val_loss"][-1], rtol=1e-5)
 
     @unittest.skipUnless(keras.backend.backend() == "jax",
                          "keras.distribution.DataParallel on JAX")
