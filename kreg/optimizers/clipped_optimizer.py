@@ -78,7 +78,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         on_non_finite: `"skip"` (skip the step and count it) or `"raise"`
             (raise an error; where a backend cannot raise from inside the
             compiled step - TensorFlow with `jit_compile=True` - the step is
-            skipped and `GradientMonitor` raises at the end of the batch).
+            skipped and `GradientMonitor` raises at the end of the batch;
+            on JAX with a GPU or TPU the error, raised by an asynchronous
+            host callback, surfaces when the next step is dispatched, or
+            at the end of the batch with `GradientMonitor`).
             Defaults to `"skip"`.
         name: optional name. Defaults to `None`.
 
@@ -392,7 +395,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         elif backend == "jax":
             import jax
 
-            jax.debug.callback(_raise_from_host, finite)
+            # Ordered: on an accelerator the host callback runs
+            # asynchronously and an unordered one's error is only logged;
+            # an ordered one fails the next step's dispatch at the latest.
+            jax.debug.callback(_raise_from_host, finite, ordered=True)
         elif backend == "tensorflow":
             import tensorflow as tf
 
