@@ -651,6 +651,15 @@ class _Updater:
                 self.update = self._torch_update
             else:
                 self.update = self._torch_update_on_device
+            self._torch_variables = (
+                list(self.shadows) + list(self.targets)
+                + [self.iterations, self.last, self.count]
+            )
+            self._torch_graphs = (
+                self.update == self._torch_update_on_device
+                and self._torch_cuda_graphs_available()
+            )
+            self._torch_graph = None  # (tensor addresses, CUDAGraph)
         else:
             self.update = self._eager_update
 
@@ -726,8 +735,11 @@ class _Updater:
         (another `model.history`), runs the original function, so an
         interrupted fit leaves no EMA in later fits. Under a distribution
         (`tf.distribute`, `keras.distribution`), with JAX's `jit_compile=False`
-        or NNX, and on PyTorch, the separate call per step is kept.
+        or NNX, and on PyTorch, the separate call per step is kept (on
+        PyTorch with CUDA, replayed from a CUDA graph captured here).
         """
+        if self.backend == "torch":
+            self._torch_capture()
         model = self.model
         original = model.train_function
         if (
@@ -867,33 +879,97 @@ class _Updater:
     def _torch_counter_on_host(self):
         return self.iterations.value.device.type == "cpu"
 
+    def _torch_cuda_graphs_available(self):
+        device = self.iterations.value.device
+        return device.type == "cuda" and all(
+            t.value.device == device for t in self.targets + self.shadows
+        )
+
     def _torch_update_on_device(self):
         """The update without reading the step counter on the host.
 
         On an accelerator `int(counter)` would wait for the step to finish
         (twice per step), stalling Keras's asynchronous loop: the decision
         "did the optimizer step?" becomes a weight of 0 instead of a branch.
+        On CUDA the ~8 kernels are replayed from a CUDA graph captured when
+        the fit begins (`attach`): one launch per step (the launches, not
+        the arithmetic, are what an EMA costs there). The graph holds the
+        tensors' addresses: if one moved, the kernels run uncaptured.
         """
+        if self._torch_graph is not None:
+            addresses, graph = self._torch_graph
+            if self._torch_addresses() == addresses:
+                graph.replay()
+                return
+            self._torch_graph = None
+        self._torch_device_step(*self._torch_tensors())
+
+    def _torch_tensors(self):
+        return (
+            [s.value for s in self.shadows], [t.value for t in self.targets],
+            self.iterations.value, self.last.value, self.count.value,
+        )
+
+    def _torch_addresses(self):
+        # Keras's `Variable.value` costs microseconds (autocast checks);
+        # its tensor is `_value` outside autocast scopes.
+        return tuple(
+            getattr(v, "_value", None).data_ptr()
+            if getattr(v, "_value", None) is not None
+            else v.value.data_ptr()
+            for v in self._torch_variables
+        )
+
+    def _torch_capture(self):
+        """Captures the update into a CUDA graph (once per fit at most)."""
+        if not self._torch_graphs:
+            return
+        addresses = self._torch_addresses()
+        if self._torch_graph is not None and (
+            self._torch_graph[0] == addresses
+        ):
+            return
+        tensors = self._torch_tensors()
+        # A run before capturing initializes what the kernels need; at the
+        # start of a fit no optimizer step is pending, so it changes nothing.
+        self._torch_device_step(*tensors)
+        try:
+            graph = self._torch_record(
+                lambda: self._torch_device_step(*tensors)
+            )
+        except RuntimeError:  # capture unsupported here: stay uncaptured
+            self._torch_graphs = False
+            self._torch_graph = None
+            return
+        self._torch_graph = (addresses, graph)
+
+    @staticmethod
+    def _torch_record(step):
+        """A CUDA graph of `step`'s kernels (recorded, not run)."""
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+        return graph
+
+    def _torch_device_step(self, shadows, targets, iteration, last, count):
         import torch
 
         decay, warmup, power, accumulation = self.config
         with torch.no_grad():
-            iteration = self.iterations.value
-            last = self.last.value
-            count = self.count.value
             changed = torch.ne(iteration, last)
             if accumulation > 1:
                 changed = changed & torch.eq(iteration % accumulation, 0)
             count.add_(changed.to(count.dtype))
-            one_minus_d = torch.full((), 1.0 - decay, device=count.device)
             if warmup:
                 t = count.to(torch.float32).clamp(min=1.0)
-                one_minus_d = torch.maximum(one_minus_d, t.pow(-power))
-            weight = torch.where(changed, one_minus_d, 0.0)
+                one_minus_d = torch.clamp(t.pow(-power), min=1.0 - decay)
+                weight = one_minus_d * changed
+            else:
+                weight = changed * (1.0 - decay)
             # s <- s + (1 - d) * (w - s), in three multi-tensor kernels.
-            shadows = [s.value for s in self.shadows]
-            steps = torch._foreach_sub([t.value for t in self.targets],
-                                       shadows)
+            steps = torch._foreach_sub(targets, shadows)
             torch._foreach_mul_(steps, weight)
             torch._foreach_add_(shadows, steps)
             last.copy_(iteration)

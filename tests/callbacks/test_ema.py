@@ -1,6 +1,7 @@
 import importlib
 import os
 import tempfile
+import types
 import unittest
 from unittest import mock
 
@@ -328,3 +329,55 @@ class EMATorchOnDeviceUpdateTest(EMATest):
         self.fit(model, [ema], epochs=1, validation=False)
         self.assertEqual(ema._updater.update.__name__,
                          "_torch_update_on_device")
+
+
+@unittest.skipUnless(keras.backend.backend() == "torch", "PyTorch's update")
+class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
+    """Every EMA test with the update replayed from a recorded graph, as on
+    CUDA; on the CPU the "graph" replays the recorded step eagerly (the
+    real CUDA graph runs in the GPU runs of this suite)."""
+
+    def setUp(self):
+        super().setUp()
+        module = importlib.import_module("kreg.callbacks.ema")
+        self.replays = 0
+
+        def record(step):
+            def replay():
+                self.replays += 1
+                step()
+            return types.SimpleNamespace(replay=replay)
+
+        for name, patch in (
+            ("_torch_cuda_graphs_available", dict(return_value=True)),
+            ("_torch_record", dict(side_effect=record)),
+        ):
+            patcher = mock.patch.object(module._Updater, name, **patch)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def test_replayed_and_run_uncaptured_once_a_tensor_moves(self):
+        import torch
+
+        model = self.model()
+        record = RecordBatchWeights()
+        ema = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [record, ema], epochs=1, validation=False)
+        # One per batch begun (the first folds in nothing), one at the end.
+        self.assertEqual(self.replays, 7)
+        self.assertIsNotNone(ema._updater._torch_graph)
+
+        class Move(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 2:  # a new buffer for the first kernel
+                    kernel = self.model.trainable_variables[0].value
+                    with torch.no_grad():
+                        kernel.data = kernel.data.clone()
+
+        self.replays = 0
+        self.fit(model, [record, Move(), ema], epochs=1, validation=False)
+        self.assertEqual(self.replays, 3)  # as batches 0, 1 and 2 begin
+        self.assertIsNone(ema._updater._torch_graph)
+        expected = numpy_ema(record.initial, record.after_batch, 0.8)
+        for s, e in zip(ema.shadow_variables, expected):
+            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
