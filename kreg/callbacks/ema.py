@@ -439,10 +439,9 @@ class EMA(keras.callbacks.Callback):
 
     def _shadow_in_model(self):
         ops = keras.ops
-        return all(
-            bool(ops.all(ops.equal(t.value, s.value)))
-            for t, s in zip(self._targets, self._shadows)
-        )
+        equal = [ops.all(ops.equal(t.value, s.value))
+                 for t, s in zip(self._targets, self._shadows)]
+        return bool(ops.all(ops.stack(equal)))  # one read on the host
 
     def _weights_restored_by_early_stopping(self):
         """EarlyStopping put the best (averaged) weights in: keep them."""
@@ -506,12 +505,7 @@ class EMA(keras.callbacks.Callback):
         )
         if same:
             # Another fit of the same model: reuse the variables and the
-            # compiled update, start again from s_0 = w_0.
-            self._flush()
-            for shadow, target in zip(self._shadows, targets):
-                shadow.assign(_copy(target.value))
-            self._count.assign(0)
-            self._last.assign(_copy(iterations.value))
+            # compiled update (`_start` sets s_0 = w_0 before step 1).
             return
         self._targets = targets
         self._built_for = (self.model, optimizer, config)
