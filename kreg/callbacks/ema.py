@@ -902,7 +902,9 @@ class _Updater:
         On CUDA the ~8 kernels are replayed from a CUDA graph captured when
         the fit begins (`attach`): one launch per step (the launches, not
         the arithmetic, are what an EMA costs there). The graph holds the
-        tensors' addresses: if one moved, the kernels run uncaptured.
+        tensors' addresses: if one moved, the kernels run uncaptured. It
+        also keeps its own scratch buffers (one copy of the averaged
+        weights) while the EMA is attached to the model.
         """
         if self._torch_graph is not None:
             addresses, graph = self._torch_graph
