@@ -904,7 +904,7 @@ class _Updater:
         the arithmetic, are what an EMA costs there). The graph holds the
         tensors' addresses: if one moved, the kernels run uncaptured. It
         also keeps its own scratch buffers (one copy of the averaged
-        weights) while the EMA is attached to the model.
+        weights) for as long as the EMA keeps this model.
         """
         if self._torch_graph is not None:
             addresses, graph = self._torch_graph
