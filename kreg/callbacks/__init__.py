@@ -6,13 +6,22 @@
   ``s_t = decay * s_{t-1} + (1 - decay) * w_t``.
 - `RetrainOnFullData`: after early stopping, train again on all the data
   (Goodfellow et al., algorithms 7.2 and 7.3).
+- `BackupAndRestore`: Keras's, plus resuming kreg's `EarlyStopping` and
+  `EMA` state in the same folder.
 - `GradientMonitor`: gradient norms of a `ClippedOptimizer` in the logs,
   warnings on vanishing or exploding layers.
 """
 
+from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.callbacks.early_stopping import EarlyStopping
 from kreg.callbacks.ema import EMA
 from kreg.callbacks.gradient_monitor import GradientMonitor
 from kreg.callbacks.retrain_on_full_data import RetrainOnFullData
 
-__all__ = ["EMA", "EarlyStopping", "GradientMonitor", "RetrainOnFullData"]
+__all__ = [
+    "EMA",
+    "BackupAndRestore",
+    "EarlyStopping",
+    "GradientMonitor",
+    "RetrainOnFullData",
+]

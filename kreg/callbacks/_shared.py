@@ -41,6 +41,15 @@ def lookup(callback, role):
     return other
 
 
+def backup_folder(callback, own):
+    """`own` (a callback's ``backup_dir``), else the folder of a
+    `kreg.callbacks.BackupAndRestore` in the same ``fit``, else None."""
+    if own is not None:
+        return own
+    backup = lookup(callback, "backup_and_restore")
+    return None if backup is None else backup.backup_dir
+
+
 def save_state(folder, name, numbers, arrays):
     """Writes ``name.json`` (numbers) and ``name.npz`` (arrays) in `folder`."""
     os.makedirs(folder, exist_ok=True)

@@ -52,10 +52,10 @@ class EarlyStopping(keras.callbacks.Callback):
       keeps and restores the raw weights of the best epoch, in either order
       of the two callbacks.
     - Its state (best value, best epoch, wait counter, best weights) survives
-      an interrupted training: with ``backup_dir`` it is written there at the
-      end of every epoch and read back when the next ``fit`` begins, so a
-      ``fit`` resumed with `keras.callbacks.BackupAndRestore` stops at the same
-      epoch as an uninterrupted one. The files are deleted when training ends.
+      an interrupted training: beside `kreg.callbacks.BackupAndRestore` (or
+      with ``backup_dir``, beside Keras's) it is written to the backup folder
+      at the end of every epoch and read back when the resumed ``fit``
+      begins, so it stops at the same epoch as an uninterrupted one. The files are deleted when training ends.
       `get_state` / `set_state` give the same state as a dict.
 
     Args:
@@ -79,7 +79,8 @@ class EarlyStopping(keras.callbacks.Callback):
         backup_dir: folder where the state is kept between epochs for
             resuming an interrupted ``fit`` (may be a `BackupAndRestore`
             folder: the files are named ``kreg_early_stopping.*``). Defaults
-            to `None` (no backup).
+            to `None`: the folder of a `kreg.callbacks.BackupAndRestore` in
+            the same ``fit``, if any (else no backup).
 
     Example:
 
@@ -127,6 +128,7 @@ class EarlyStopping(keras.callbacks.Callback):
             "start_from_epoch", start_from_epoch
         )
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
+        self._backup_folder = self.backup_dir  # set again in on_train_begin
         self._maximize = None
         self._reset()
 
@@ -173,10 +175,11 @@ class EarlyStopping(keras.callbacks.Callback):
         state = self.get_state()
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
-        _shared.save_state(self.backup_dir, _STATE_NAME, state, weights or [])
+        _shared.save_state(self._backup_folder, _STATE_NAME, state,
+                           weights or [])
 
     def _load_backup(self):
-        loaded = _shared.load_state(self.backup_dir, _STATE_NAME)
+        loaded = _shared.load_state(self._backup_folder, _STATE_NAME)
         if loaded is None:
             return False
         numbers_, arrays = loaded
@@ -189,14 +192,15 @@ class EarlyStopping(keras.callbacks.Callback):
         self._reset()
         self._finished = False
         _shared.register(self, "early_stopping")
-        if self.backup_dir is not None:
+        self._backup_folder = _shared.backup_folder(self, self.backup_dir)
+        if self._backup_folder is not None:
             self._load_backup()
 
     def on_epoch_end(self, epoch, logs=None):
         current = self._monitor_value(logs)
         if current is not None and epoch >= self.start_from_epoch:
             self._update(epoch, current)
-        if self.backup_dir is not None:
+        if self._backup_folder is not None:
             self._save_backup()
 
     def on_train_end(self, logs=None):
@@ -221,8 +225,8 @@ class EarlyStopping(keras.callbacks.Callback):
             ema = _shared.lookup(self, "ema")
             if ema is not None:
                 ema._weights_restored_by_early_stopping()
-        if self.backup_dir is not None:
-            _shared.delete_state(self.backup_dir, _STATE_NAME)
+        if self._backup_folder is not None:
+            _shared.delete_state(self._backup_folder, _STATE_NAME)
 
     # Internals -----------------------------------------------------------
     def _update(self, epoch, current):

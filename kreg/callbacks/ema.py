@@ -68,12 +68,13 @@ class EMA(keras.callbacks.Callback):
       weights, the step count or a second copy of the shadow, so they load
       into a plain model. Resuming training from such a file restarts from
       the averaged weights.
-    - The shadow survives an interrupted training through ``backup_dir``:
-      at the end of every epoch the shadow, the raw weights and the step
-      count are written there (``kreg_ema.json``/``kreg_ema.npz``), and the
-      next ``fit`` puts all three back when its first epoch begins, after
-      `keras.callbacks.BackupAndRestore` has loaded its weights (the folder
-      of the ``BackupAndRestore`` can be used; it deletes it at the end). The
+    - The shadow survives an interrupted training beside
+      `kreg.callbacks.BackupAndRestore` (or, with ``backup_dir``, beside
+      Keras's): at the end of every epoch the shadow, the raw weights and
+      the step count are written to the backup folder
+      (``kreg_ema.json``/``kreg_ema.npz``), and the resumed ``fit`` puts all
+      three back when its first epoch begins, after ``BackupAndRestore`` has
+      loaded its weights (it deletes the folder at the end). The
       raw weights are restored because ``BackupAndRestore`` saved the
       averaged ones. Use ``BackupAndRestore(save_freq="epoch")`` (its
       default). A ``fit`` that starts after epoch 0 without such a state
@@ -97,7 +98,8 @@ class EMA(keras.callbacks.Callback):
         backup_dir: folder where the shadow and the raw weights are kept
             between epochs for resuming an interrupted ``fit`` (files
             ``kreg_ema.*``; the ``BackupAndRestore`` folder will do).
-            Defaults to `None`.
+            Defaults to `None`: the folder of a
+            `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
 
     Example:
 
@@ -150,6 +152,7 @@ class EMA(keras.callbacks.Callback):
         self._count = None
         self._step_pending = False
         self._swapped_in = []
+        self._backup_folder = self.backup_dir  # set again in on_train_begin
 
     @property
     def steps(self):
@@ -301,8 +304,10 @@ class EMA(keras.callbacks.Callback):
         self._updater.attach()
         self._pending = None
         self._step_pending = False
-        if self.backup_dir is not None:
-            self._pending = _shared.load_state(self.backup_dir, _STATE_NAME)
+        self._backup_folder = _shared.backup_folder(self, self.backup_dir)
+        if self._backup_folder is not None:
+            self._pending = _shared.load_state(self._backup_folder,
+                                               _STATE_NAME)
         self._started = False
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -329,7 +334,7 @@ class EMA(keras.callbacks.Callback):
             # see the averaged weights (from here on in the list).
             self.swap_in()
             self._epoch_view = True
-        if self.backup_dir is not None:
+        if self._backup_folder is not None:
             self._flush()
             if self._averaged_in_model and self._backup is not None:
                 raw = [keras.ops.convert_to_numpy(v) for v in self._backup]
@@ -339,7 +344,7 @@ class EMA(keras.callbacks.Callback):
             shadow = [keras.ops.convert_to_numpy(s.value)
                       for s in self._shadows]
             _shared.save_state(
-                self.backup_dir, _STATE_NAME,
+                self._backup_folder, _STATE_NAME,
                 {"steps": self.steps, "epoch": epoch + 1,
                  "num_shadow": len(shadow)},
                 shadow + raw,
@@ -383,8 +388,8 @@ class EMA(keras.callbacks.Callback):
                 self.swap_in()
             else:
                 self.swap_out()
-        if self.backup_dir is not None:
-            _shared.delete_state(self.backup_dir, _STATE_NAME)
+        if self._backup_folder is not None:
+            _shared.delete_state(self._backup_folder, _STATE_NAME)
 
     # Internals -------------------------------------------------------------
     def _start(self, epoch):
@@ -397,7 +402,8 @@ class EMA(keras.callbacks.Callback):
             num_shadow = numbers_.get("num_shadow", len(arrays))
             if saved_epoch is not None and saved_epoch != epoch:
                 warnings.warn(
-                    f"EMA: the state in {self.backup_dir!r} was saved after "
+                    f"EMA: the state in {self._backup_folder!r} was saved "
+                    f"after "
                     f"epoch {saved_epoch} but training starts at epoch "
                     f"{epoch}; it is ignored and the average restarts from "
                     "the current weights (use BackupAndRestore with "
@@ -407,7 +413,8 @@ class EMA(keras.callbacks.Callback):
                 pending = None
             elif num_shadow != len(self._shadows):
                 raise ValueError(
-                    f"The EMA state in {self.backup_dir!r} holds {num_shadow}"
+                    f"The EMA state in {self._backup_folder!r} holds "
+                    f"{num_shadow}"
                     f" averaged weights but this model has "
                     f"{len(self._shadows)}."
                 )
@@ -423,8 +430,8 @@ class EMA(keras.callbacks.Callback):
                 warnings.warn(
                     f"EMA: training starts at epoch {epoch} (resumed?) but no "
                     "saved EMA state was found; the average restarts from "
-                    "the current weights. Pass `backup_dir=` (e.g. the "
-                    "BackupAndRestore folder) to resume it.",
+                    "the current weights. Use kreg.callbacks."
+                    "BackupAndRestore (or pass `backup_dir=`) to resume it.",
                     stacklevel=2,
                 )
             for shadow, target in zip(self._shadows, self._targets):

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import EarlyStopping
+from kreg.callbacks import BackupAndRestore, EarlyStopping
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt
 
@@ -242,28 +242,40 @@ class FitTest(TestCase):
         stop = full.stopped_epoch
         self.assertGreater(stop, 3)
         ref_weights = model.get_weights()
-        with tempfile.TemporaryDirectory() as folder:
-            backup = os.path.join(folder, "backup")
-            # Interrupt after the best epoch so that the best weights and
-            # the wait counter must come back from the backup.
-            cut = stop - 1
-            model = self.model()
-            first = EarlyStopping(patience=2, restore_best_weights=True,
-                                  backup_dir=backup)
-            with self.assertRaisesRegex(RuntimeError, "interrupted"):
-                self.fit(model, [keras.callbacks.BackupAndRestore(backup),
-                                 first, Interrupt(cut)])
-            model = self.model()
-            second = EarlyStopping(patience=2, restore_best_weights=True,
-                                   backup_dir=backup)
-            history = self.fit(
-                model, [keras.callbacks.BackupAndRestore(backup), second]
-            )
-            self.assertFalse(os.path.exists(
-                os.path.join(backup, "kreg_early_stopping.json")))
-        self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
-        self.assertEqual(second.stopped_epoch, full.stopped_epoch)
-        self.assertEqual(second.best_epoch, full.best_epoch)
-        self.assertAllClose(second.best, full.best, rtol=1e-6)
-        for a, b in zip(model.get_weights(), ref_weights):
-            self.assertAllClose(a, b, atol=1e-6)
+        # Keras's BackupAndRestore with backup_dir, or kreg's lending its
+        # folder (listed after the EarlyStopping: order does not matter).
+        for pairing in ("keras", "kreg"):
+            with self.subTest(pairing=pairing), \
+                    tempfile.TemporaryDirectory() as folder:
+                backup = os.path.join(folder, "backup")
+
+                def callbacks(*more):
+                    if pairing == "kreg":
+                        return [*more, BackupAndRestore(backup)]
+                    return [keras.callbacks.BackupAndRestore(backup), *more]
+
+                def early_stopping():
+                    return EarlyStopping(
+                        patience=2, restore_best_weights=True,
+                        backup_dir=backup if pairing == "keras" else None,
+                    )
+
+                # Interrupt after the best epoch so that the best weights
+                # and the wait counter must come back from the backup.
+                cut = stop - 1
+                model = self.model()
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    self.fit(model, callbacks(early_stopping(), Interrupt(cut)))
+                self.assertTrue(os.path.exists(
+                    os.path.join(backup, "kreg_early_stopping.json")))
+                model = self.model()
+                second = early_stopping()
+                history = self.fit(model, callbacks(second))
+                self.assertFalse(os.path.exists(
+                    os.path.join(backup, "kreg_early_stopping.json")))
+                self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
+                self.assertEqual(second.stopped_epoch, full.stopped_epoch)
+                self.assertEqual(second.best_epoch, full.best_epoch)
+                self.assertAllClose(second.best, full.best, rtol=1e-6)
+                for a, b in zip(model.get_weights(), ref_weights):
+                    self.assertAllClose(a, b, atol=1e-6)

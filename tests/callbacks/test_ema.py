@@ -8,7 +8,7 @@ from unittest import mock
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, EarlyStopping
+from kreg.callbacks import EMA, BackupAndRestore, EarlyStopping
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt, InterruptBatch
 
@@ -249,21 +249,37 @@ class EMATest(TestCase):
         model = self.model()
         full = EMA(decay=0.8, keep_averaged=False)
         self.fit(model, [full], epochs=4, validation=False)
-        with tempfile.TemporaryDirectory() as folder:
-            backup = os.path.join(folder, "backup")
-            model = self.model()
-            first = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)
-            with self.assertRaisesRegex(RuntimeError, "interrupted"):
-                self.fit(model, [keras.callbacks.BackupAndRestore(backup),
-                                 first, Interrupt(2)], epochs=4,
-                         validation=False)
-            model = self.model()
-            second = EMA(decay=0.8, keep_averaged=False, backup_dir=backup)
-            self.fit(model, [keras.callbacks.BackupAndRestore(backup),
-                             second], epochs=4, validation=False)
-        self.assertEqual(second.steps, full.steps)
-        for a, b in zip(second.shadow_variables, full.shadow_variables):
-            self.assertAllClose(a, b, atol=1e-6)
+        # Keras's BackupAndRestore with backup_dir, or kreg's lending its
+        # folder (listed after the EMA: order does not matter).
+        for pairing in ("keras", "kreg"):
+            with self.subTest(pairing=pairing), \
+                    tempfile.TemporaryDirectory() as folder:
+                backup = os.path.join(folder, "backup")
+
+                def callbacks(*more):
+                    if pairing == "kreg":
+                        return [*more, BackupAndRestore(backup)]
+                    return [keras.callbacks.BackupAndRestore(backup), *more]
+
+                def ema():
+                    return EMA(
+                        decay=0.8, keep_averaged=False,
+                        backup_dir=backup if pairing == "keras" else None,
+                    )
+
+                model = self.model()
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    self.fit(model, callbacks(ema(), Interrupt(2)), epochs=4,
+                             validation=False)
+                self.assertTrue(os.path.exists(
+                    os.path.join(backup, "kreg_ema.npz")))
+                model = self.model()
+                second = ema()
+                self.fit(model, callbacks(second), epochs=4, validation=False)
+                self.assertEqual(second.steps, full.steps)
+                for a, b in zip(second.shadow_variables,
+                                full.shadow_variables):
+                    self.assertAllClose(a, b, atol=1e-6)
 
     def test_bad_arguments_and_config(self):
         for kwargs, error, text in [
