@@ -1,6 +1,7 @@
 """Second phase of early stopping: retrain on training + validation data."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -208,6 +209,15 @@ class RetrainOnFullData(keras.callbacks.Callback):
         kwargs = dict(epochs=epochs, verbose=verbose, callbacks=callbacks)
         if _is_dataset(self.x):
             return self.model.fit(self.x, **kwargs)
+        if self.batch_size is None:
+            # Keras does not tell callbacks the batch size of `fit`.
+            warnings.warn(
+                "RetrainOnFullData: no `batch_size` given; the second phase "
+                "uses Keras's default of 32, which may differ from the first "
+                "phase's. Pass RetrainOnFullData the batch_size given to "
+                "`fit`.",
+                stacklevel=2,
+            )
         return self.model.fit(self.x, self.y, batch_size=self.batch_size,
                               **kwargs)
 

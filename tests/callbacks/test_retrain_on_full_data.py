@@ -1,3 +1,5 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -96,6 +98,20 @@ class RetrainTest(TestCase):
                                 inner.shadow_variables):
                     self.assertAllClose(w, s, atol=1e-6)
                 self.assertIs(model.train_function, original)
+
+    def test_warns_without_the_batch_size_of_array_data(self):
+        for batch_size in (None, 16):
+            with self.subTest(batch_size=batch_size):
+                stop = EarlyStopping(patience=2)
+                retrain = RetrainOnFullData(self.x_full, self.y_full,
+                                            batch_size=batch_size)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    self.fit(self.model(), [stop, retrain])
+                told = [w for w in caught
+                        if "RetrainOnFullData: no `batch_size`"
+                        in str(w.message)]
+                self.assertEqual(len(told), 1 if batch_size is None else 0)
 
     def test_restart_lengths_and_dataset(self):
         tf = pytest.importorskip("tensorflow")
