@@ -1,13 +1,12 @@
 import os
-import tempfile
 
 import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import BackupAndRestore, EarlyStopping
+from kreg.callbacks import EarlyStopping
 from kreg.testing import TestCase
-from tests.callbacks.helpers import Interrupt
+from tests.callbacks.helpers import Interrupt, backup_pairing
 
 
 def tiny_model(metrics=()):
@@ -242,23 +241,14 @@ class FitTest(TestCase):
         stop = full.stopped_epoch
         self.assertGreater(stop, 3)
         ref_weights = model.get_weights()
-        # Keras's BackupAndRestore with backup_dir, or kreg's lending its
-        # folder (listed after the EarlyStopping: order does not matter).
-        for pairing in ("keras", "kreg"):
-            with self.subTest(pairing=pairing), \
-                    tempfile.TemporaryDirectory() as folder:
-                backup = os.path.join(folder, "backup")
-
-                def callbacks(*more):
-                    if pairing == "kreg":
-                        return [*more, BackupAndRestore(backup)]
-                    return [keras.callbacks.BackupAndRestore(backup), *more]
+        for kind in ("keras", "kreg"):
+            with self.subTest(pairing=kind), backup_pairing(kind) as pairing:
+                backup = pairing.backup
+                callbacks = pairing.callbacks
 
                 def early_stopping():
-                    return EarlyStopping(
-                        patience=2, restore_best_weights=True,
-                        backup_dir=backup if pairing == "keras" else None,
-                    )
+                    return EarlyStopping(patience=2, restore_best_weights=True,
+                                         backup_dir=pairing.backup_dir)
 
                 # Interrupt after the best epoch so that the best weights
                 # and the wait counter must come back from the backup.

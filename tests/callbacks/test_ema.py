@@ -1,6 +1,5 @@
 import importlib
 import os
-import tempfile
 import types
 import unittest
 from unittest import mock
@@ -8,9 +7,13 @@ from unittest import mock
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, BackupAndRestore, EarlyStopping
+from kreg.callbacks import EMA, EarlyStopping
 from kreg.testing import TestCase
-from tests.callbacks.helpers import Interrupt, InterruptBatch
+from tests.callbacks.helpers import (
+    Interrupt,
+    InterruptBatch,
+    backup_pairing,
+)
 
 
 def data(n=48, seed=0):
@@ -249,23 +252,14 @@ class EMATest(TestCase):
         model = self.model()
         full = EMA(decay=0.8, keep_averaged=False)
         self.fit(model, [full], epochs=4, validation=False)
-        # Keras's BackupAndRestore with backup_dir, or kreg's lending its
-        # folder (listed after the EMA: order does not matter).
-        for pairing in ("keras", "kreg"):
-            with self.subTest(pairing=pairing), \
-                    tempfile.TemporaryDirectory() as folder:
-                backup = os.path.join(folder, "backup")
-
-                def callbacks(*more):
-                    if pairing == "kreg":
-                        return [*more, BackupAndRestore(backup)]
-                    return [keras.callbacks.BackupAndRestore(backup), *more]
+        for kind in ("keras", "kreg"):
+            with self.subTest(pairing=kind), backup_pairing(kind) as pairing:
+                backup = pairing.backup
+                callbacks = pairing.callbacks
 
                 def ema():
-                    return EMA(
-                        decay=0.8, keep_averaged=False,
-                        backup_dir=backup if pairing == "keras" else None,
-                    )
+                    return EMA(decay=0.8, keep_averaged=False,
+                               backup_dir=pairing.backup_dir)
 
                 model = self.model()
                 with self.assertRaisesRegex(RuntimeError, "interrupted"):
