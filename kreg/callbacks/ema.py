@@ -204,9 +204,10 @@ class EMA(keras.callbacks.Callback):
         if self._averaged_in_model:
             return
         self._flush()
-        self._backup = [_copy(v.value) for v in self._targets]
-        for target, shadow in zip(self._targets, self._shadows):
-            target.assign(_copy(shadow.value))
+        self._backup = _copies([v.value for v in self._targets])
+        averaged = _copies([s.value for s in self._shadows])
+        for target, value in zip(self._targets, averaged):
+            target.assign(value)
         self._averaged_in_model = True
         self._swapped_in = self._values()
 
@@ -434,8 +435,9 @@ class EMA(keras.callbacks.Callback):
                     "BackupAndRestore (or pass `backup_dir=`) to resume it.",
                     stacklevel=2,
                 )
-            for shadow, target in zip(self._shadows, self._targets):
-                shadow.assign(_copy(target.value))
+            initial = _copies([t.value for t in self._targets])
+            for shadow, value in zip(self._shadows, initial):
+                shadow.assign(value)
             self._count.assign(0)
         # Only optimizer steps taken from here on are averaged (a restored
         # optimizer may have moved the iteration counter).
@@ -568,6 +570,22 @@ class EMA(keras.callbacks.Callback):
 def _copy(value):
     """A copy that owns its buffer (JAX train steps donate their inputs)."""
     return keras.ops.copy(value)
+
+
+_JAX_COPIES = []
+
+
+def _copies(values):
+    """`_copy` of each value; on JAX one compiled call for all of them
+    (an eager copy per weight is one dispatch each, at every swap)."""
+    if keras.backend.backend() != "jax":
+        return [_copy(v) for v in values]
+    if not _JAX_COPIES:
+        import jax
+        import jax.numpy as jnp
+
+        _JAX_COPIES.append(jax.jit(lambda xs: [jnp.copy(x) for x in xs]))
+    return _JAX_COPIES[0](list(values))
 
 
 def _ema_math(shadows, weights, count, last, iteration, config):
@@ -734,7 +752,7 @@ class _Updater:
     def _jax_arrays(self):
         # Copies: the jitted update donates (reuses) its input buffers.
         return (
-            [_copy(s.value) for s in self.shadows],
+            _copies([s.value for s in self.shadows]),
             _copy(self.count.value), _copy(self.last.value),
         )
 
