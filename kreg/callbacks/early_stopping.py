@@ -55,7 +55,8 @@ class EarlyStopping(keras.callbacks.Callback):
       an interrupted training: beside `kreg.callbacks.BackupAndRestore` (or
       with ``backup_dir``, beside Keras's) it is written to the backup folder
       at the end of every epoch and read back when the resumed ``fit``
-      begins, so it stops at the same epoch as an uninterrupted one. The files are deleted when training ends.
+      begins, so it stops at the same epoch as an uninterrupted one. The
+      files are deleted when training ends.
       `get_state` / `set_state` give the same state as a dict.
 
     Args:

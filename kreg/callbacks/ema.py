@@ -336,7 +336,6 @@ class EMA(keras.callbacks.Callback):
             self.swap_in()
             self._epoch_view = True
         if self._backup_folder is not None:
-            self._flush()
             if self._averaged_in_model and self._backup is not None:
                 raw = [keras.ops.convert_to_numpy(v) for v in self._backup]
             else:
@@ -404,8 +403,7 @@ class EMA(keras.callbacks.Callback):
             if saved_epoch is not None and saved_epoch != epoch:
                 warnings.warn(
                     f"EMA: the state in {self._backup_folder!r} was saved "
-                    f"after "
-                    f"epoch {saved_epoch} but training starts at epoch "
+                    f"after epoch {saved_epoch} but training starts at epoch "
                     f"{epoch}; it is ignored and the average restarts from "
                     "the current weights (use BackupAndRestore with "
                     'save_freq="epoch").',
@@ -415,8 +413,7 @@ class EMA(keras.callbacks.Callback):
             elif num_shadow != len(self._shadows):
                 raise ValueError(
                     f"The EMA state in {self._backup_folder!r} holds "
-                    f"{num_shadow}"
-                    f" averaged weights but this model has "
+                    f"{num_shadow} averaged weights but this model has "
                     f"{len(self._shadows)}."
                 )
         if pending is not None:
@@ -948,12 +945,11 @@ class _Updater:
     def _torch_addresses(self):
         # Keras's `Variable.value` costs microseconds (autocast checks);
         # its tensor is `_value` outside autocast scopes.
-        return tuple(
-            getattr(v, "_value", None).data_ptr()
-            if getattr(v, "_value", None) is not None
-            else v.value.data_ptr()
-            for v in self._torch_variables
-        )
+        addresses = []
+        for v in self._torch_variables:
+            tensor = getattr(v, "_value", None)
+            addresses.append((v.value if tensor is None else tensor).data_ptr())
+        return tuple(addresses)
 
     def _torch_capture(self):
         """Captures the update into a CUDA graph (once per fit at most)."""
