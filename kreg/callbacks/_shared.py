@@ -8,6 +8,7 @@
   callbacks of the running ``fit`` from stale ones of an earlier call.
 - Saving and loading a callback's state (JSON numbers plus NumPy arrays) in a
   backup folder, atomically enough for an interruption between epochs.
+- Working around Keras's resumed epoch that outlives the resumed ``fit``.
 """
 
 import json
@@ -54,24 +55,37 @@ def save_state(folder, name, numbers, arrays):
     """Writes ``name.json`` (numbers) and ``name.npz`` (arrays) in `folder`."""
     os.makedirs(folder, exist_ok=True)
     arrays_path = os.path.join(folder, name + ".npz")
-    json_path = os.path.join(folder, name + ".json")
     tmp = arrays_path + ".tmp.npz"
     np.savez(tmp, **{f"a{i:05d}": a for i, a in enumerate(arrays)})
     os.replace(tmp, arrays_path)
-    tmp = json_path + ".tmp"
+    save_json(folder, name, {**numbers, "num_arrays": len(arrays)})
+
+
+def save_json(folder, name, numbers):
+    """Writes ``name.json`` in `folder` (replacing it in one step)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + ".json")
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({**numbers, "num_arrays": len(arrays)}, f)
-    os.replace(tmp, json_path)
+        json.dump(numbers, f)
+    os.replace(tmp, path)
+
+
+def load_json(folder, name):
+    """The numbers saved by `save_json`, or None."""
+    path = os.path.join(folder, name + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_state(folder, name):
     """Returns ``(numbers, arrays)`` saved by `save_state`, or None."""
-    json_path = os.path.join(folder, name + ".json")
     arrays_path = os.path.join(folder, name + ".npz")
-    if not (os.path.exists(json_path) and os.path.exists(arrays_path)):
+    numbers = load_json(folder, name)
+    if numbers is None or not os.path.exists(arrays_path):
         return None
-    with open(json_path) as f:
-        numbers = json.load(f)
     with np.load(arrays_path) as data:
         arrays = [data[f"a{i:05d}"] for i in range(numbers["num_arrays"])]
     return numbers, arrays
@@ -82,3 +96,35 @@ def delete_state(folder, name):
         path = os.path.join(folder, name + suffix)
         if os.path.exists(path):
             os.remove(path)
+
+
+def read_folder(folder):
+    """The files under `folder` as ``{relative path: bytes}`` (empty if it
+    does not exist): kept in memory while another callback deletes the
+    folder, written back by `write_folder`."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def write_folder(folder, files):
+    for relative, content in files.items():
+        path = os.path.join(folder, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+
+
+def forget_resumed_epoch(model):
+    """Clears the epoch a resumed ``fit`` started from.
+
+    Keras's BackupAndRestore resumes by setting ``model._initial_epoch``,
+    which nothing resets: every later ``fit`` of the model (a second
+    training phase, the user's next call) would start at that epoch too.
+    """
+    if getattr(model, "_initial_epoch", None) is not None:
+        model._initial_epoch = None

@@ -18,6 +18,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     resumed `fit` begins, so it continues as if never interrupted. Their
     files (``kreg_*``) are deleted with the backup when training ends.
 
+    Keras's callback resumes a `fit` at the saved epoch by leaving that epoch
+    on the model, where it stays: the model's next `fit` would also skip
+    that many epochs. This one clears it when training ends.
+
     Arguments are Keras's (`backup_dir`, `save_freq`, `double_checkpoint`,
     `delete_checkpoint`). kreg's callbacks save at the end of every epoch:
     resume from a backup taken at an epoch's end (`save_freq="epoch"`, the
@@ -38,3 +42,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         # find the folder from their on_train_begin on.
         super().set_params(params)
         _shared.register(self, "backup_and_restore")
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        _shared.forget_resumed_epoch(self.model)

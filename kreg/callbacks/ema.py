@@ -383,7 +383,12 @@ class EMA(keras.callbacks.Callback):
                 self._averaged_in_model = False
                 self._backup = None
                 self._restored_by_early_stopping = True
-        if not self._restored_by_early_stopping:
+        if not self._started:
+            # No epoch ran (a fit resumed past its last epoch, or one whose
+            # epochs RetrainOnFullData skipped): the weights are not this
+            # average's to replace.
+            pass
+        elif not self._restored_by_early_stopping:
             if self.keep_averaged:
                 self.swap_in()
             else:

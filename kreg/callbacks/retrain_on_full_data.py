@@ -1,16 +1,32 @@
 """Second phase of early stopping: retrain on training + validation data."""
 
 import math
+import os
+import shutil
 import warnings
 
 import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.utils.validation import check_one_of
+from kreg.callbacks.backup_and_restore import BackupAndRestore
+from kreg.utils.validation import (check_bool, check_one_of,
+                                   check_optional_path)
 
 _ALGORITHMS = ("restart", "continue")
 _LENGTHS = ("epochs", "steps", "scaled")
+# In the backup folder: the phase (JSON) and the values phase 2 starts from
+# (weights, then optimizer variables); phase 2's own backup in a subfolder.
+_STATE_NAME = "kreg_retrain_on_full_data"
+_PHASE2_FOLDER = "kreg_retrain_phase2"
+_PHASE2_LOGS = "kreg_retrain_phase2_logs"
+# Phase 1's backups (Keras's BackupAndRestore, kreg's callbacks), obsolete
+# once phase 2 begins: a resumed fit must not train phase 1 again.
+_PHASE1_FILES = (
+    "latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json",
+    "training_metadata.json.bkp", "kreg_early_stopping.json",
+    "kreg_early_stopping.npz", "kreg_ema.json", "kreg_ema.npz",
+)
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -47,6 +63,17 @@ class RetrainOnFullData(keras.callbacks.Callback):
     ``val_loss`` in phase 2) are NaN there. Phase 2 prints its own progress
     bar with the verbosity of the ``fit``.
 
+    Resuming: with `kreg.callbacks.BackupAndRestore` in the same ``fit`` (or
+    ``backup_dir=``, listed after Keras's BackupAndRestore), an interrupted
+    ``fit`` run again ends as an uninterrupted one. Interrupted in phase 1,
+    phase 2 still starts from the initial weights of the first run and the
+    History holds every epoch; interrupted in phase 2, the ``fit`` skips
+    phase 1 (its backups are deleted when phase 2 begins) and resumes phase
+    2 at its last finished epoch, with the callbacks passed here (phase 2
+    runs with a kreg ``BackupAndRestore`` in a subfolder). Keras's
+    BackupAndRestore alone resumes phase 1 from its epoch but phase 2 then
+    starts from the weights of the resumed ``fit`` (a warning says so).
+
     Args:
         x: full input data: an array (or list/dict of arrays) or a
             ``tf.data.Dataset`` yielding ``(x, y)`` batches.
@@ -57,6 +84,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
             Defaults to `"epochs"`.
         batch_size: batch size for array data; pass the one given to ``fit``.
             Defaults to `None` (Keras's 32).
+        shuffle: whether phase 2 shuffles array data before each epoch, as
+            ``fit(shuffle=...)``. Defaults to `True`.
         validation_data: for `"continue"`: the validation part ``(x_val,
             y_val)`` (or a dataset) whose loss ends phase 2. Defaults to
             `None`.
@@ -64,6 +93,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
             `100`.
         callbacks: callbacks for phase 2 (e.g. a ``ModelCheckpoint``).
             Defaults to `None`.
+        backup_dir: folder where the state is kept for resuming an
+            interrupted ``fit``. Defaults to `None`: the folder of a
+            `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
 
     Example:
 
@@ -83,7 +115,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     def __init__(self, x, y=None, algorithm="restart", length="epochs",
                  batch_size=None, validation_data=None, max_epochs=100,
-                 callbacks=None):
+                 callbacks=None, backup_dir=None, shuffle=True):
         super().__init__()
         if x is None:
             raise ValueError(
@@ -117,6 +149,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self.validation_data = validation_data
         self.max_epochs = max_epochs
         self.callbacks = list(callbacks or [])
+        self.backup_dir = check_optional_path("backup_dir", backup_dir)
+        self.shuffle = check_bool("shuffle", shuffle)
         self.retrain_epochs = None
         self.retrain_history = None
 
@@ -126,18 +160,82 @@ class RetrainOnFullData(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        self._initial_weights = self.model.get_weights()
-        self._initial_optimizer = (
-            [keras.ops.convert_to_numpy(v.value) for v in optimizer.variables]
-            if optimizer is not None else []
-        )
-        self._phase1_logs = []
         self._phase1_history = self.model.history
+        self._first_epoch = None
+        self._plan = None
         self.retrain_epochs = None
         self.retrain_history = None
+        self._folder = _shared.backup_folder(self, self.backup_dir)
+        saved = None
+        if self._folder is not None:
+            saved = _shared.load_state(self._folder, _STATE_NAME)
+        if saved is None:
+            self._phase1_logs = []
+            self._start_values = self._values()  # the initial ones
+            self._start_saved = False
+            return
+        numbers, arrays = saved
+        if len(arrays) != len(self._values()):
+            raise ValueError(
+                f"The RetrainOnFullData state in {self._folder!r} holds "
+                f"{len(arrays)} weights and optimizer variables but this "
+                f"model has {len(self._values())}."
+            )
+        self._start_values = arrays
+        self._start_saved = True
+        self._phase1_logs = numbers["phase1_logs"]
+        if numbers["phase"] == 2:
+            # Phase 1 had ended: this fit runs no epoch of it (phase 2's
+            # backup is kept in memory: an earlier BackupAndRestore may
+            # delete the whole folder when this fit ends).
+            self._plan = numbers["plan"]
+            self._phase2_files = _shared.read_folder(
+                os.path.join(self._folder, _PHASE2_FOLDER))
+            # How Keras's BackupAndRestore resumes a fit at an epoch (a
+            # private attribute Keras reads after on_train_begin).
+            self.model._initial_epoch = self.params["epochs"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._plan is not None:
+            raise ValueError(
+                "RetrainOnFullData: the interrupted `fit` had finished phase "
+                f"1 (the state in {self._folder!r} says so), but another "
+                f"callback, a BackupAndRestore listed after RetrainOnFullData "
+                f"with a folder of its own, resumed phase 1 at epoch {epoch}. "
+                "List Keras's BackupAndRestore before RetrainOnFullData (or "
+                "use kreg.callbacks.BackupAndRestore) and run `fit` again."
+            )
+        if self._first_epoch is not None:
+            return
+        self._first_epoch = epoch
+        if epoch > len(self._phase1_logs) or (epoch > 0 and not
+                                               self._start_saved):
+            warnings.warn(
+                f"RetrainOnFullData: training resumes at epoch {epoch} but "
+                "the state of the interrupted run was not saved: phase 2 "
+                "will start from the weights this `fit` began with, not the "
+                "initial ones, and the logs of the earlier epochs are "
+                "missing. Use kreg.callbacks.BackupAndRestore (or pass "
+                "`backup_dir=`) to resume it.",
+                stacklevel=2,
+            )
+        self._phase1_logs = self._phase1_logs[:epoch]
+        self._phase1_logs += [{}] * (epoch - len(self._phase1_logs))
 
     def on_epoch_end(self, epoch, logs=None):
-        self._phase1_logs.append(dict(logs or {}))
+        self._phase1_logs.append(_numbers(logs))
+        if self._folder is not None:
+            self._save_state(phase=1, arrays=not self._start_saved)
+            self._start_saved = True
+
+    def _save_state(self, phase, arrays):
+        numbers = {"phase": phase, "phase1_logs": self._phase1_logs,
+                   "plan": self._plan, "num_arrays": len(self._start_values)}
+        if arrays:
+            _shared.save_state(self._folder, _STATE_NAME, numbers,
+                               self._start_values)
+        else:
+            _shared.save_json(self._folder, _STATE_NAME, numbers)
 
     # Phase 2 ---------------------------------------------------------------
     def on_train_end(self, logs=None):
@@ -147,6 +245,25 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "RetrainOnFullData needs a kreg.callbacks.EarlyStopping in "
                 "the same `fit` call (it reads the best epoch from it)."
             )
+        resuming = self._plan is not None
+        if resuming:
+            stop.set_state({**self._plan["early_stopping"],
+                            "best_weights": None})
+        else:
+            self._check_phase1(stop)
+        stop._finish()  # restore the best weights before phase 2
+        verbose = self.params.get("verbose", 0) if self.params else 0
+        if not resuming:
+            self._plan = self._make_plan(stop)
+        if self._plan is None:  # "continue": already below the target
+            self.retrain_history = None
+            rows = []
+        else:
+            rows = self._phase2(resuming, verbose)
+        self.retrain_epochs = len(rows)
+        self._merge_histories(rows)
+
+    def _check_phase1(self, stop):
         if not any(k.startswith("val_") for row in self._phase1_logs
                    for k in row):
             raise ValueError(
@@ -158,22 +275,32 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "RetrainOnFullData: EarlyStopping never saw its monitored "
                 f"value `{stop.monitor}`; no best epoch to retrain for."
             )
-        stop._finish()  # restore the best weights before phase 2
-        verbose = self.params.get("verbose", 0) if self.params else 0
-        if self.algorithm == "restart":
-            history = self._restart(stop.best_epoch, verbose)
-        else:
-            history = self._continue(stop.best_epoch, verbose)
-        self.retrain_history = history
-        self.retrain_epochs = len(history.epoch) if history else 0
-        self._merge_histories(history)
 
-    def _restart(self, best_epoch, verbose):
-        self.model.set_weights(self._initial_weights)
-        optimizer = self.model.optimizer
-        for variable, value in zip(optimizer.variables,
-                                   self._initial_optimizer):
-            variable.assign(value)
+    def _make_plan(self, stop):
+        """Phase 2's length (and target), from phase 1's best epoch."""
+        best_epoch = stop.best_epoch
+        plan = {
+            "early_stopping": {
+                "wait": int(stop.wait),
+                "stopped_epoch": int(stop.stopped_epoch),
+                "best": None if stop.best is None else float(stop.best),
+                "best_epoch": int(best_epoch),
+            },
+            "target": None,
+        }
+        if self.algorithm == "continue":
+            target = self._phase1_logs[best_epoch].get("loss")
+            if target is None:
+                raise ValueError(
+                    "RetrainOnFullData(algorithm='continue'): the training "
+                    f"loss of the best epoch ({best_epoch}) was not logged "
+                    "(or not saved before an interruption)."
+                )
+            if self._validation_loss() < target:
+                return None
+            # From the weights phase 1 left, with its optimizer state.
+            self._start_values = self._values()
+            return {**plan, "epochs": self.max_epochs, "target": target}
         epochs = best_epoch + 1
         if self.length != "epochs":
             train_steps = self.params.get("steps")
@@ -188,22 +315,71 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 epochs = max(1, round(epochs * train_steps / full_steps))
             else:
                 epochs = math.ceil(epochs * full_steps / train_steps)
-        if verbose:
-            print(f"Phase 2: retraining on the full data from the initial "
-                  f"weights for {epochs} epochs")
-        return self._fit(epochs, verbose, self.callbacks)
+        return {**plan, "epochs": epochs}
 
-    def _continue(self, best_epoch, verbose):
-        target = float(self._phase1_logs[best_epoch]["loss"])
-        loss = self._validation_loss()
-        if loss < target:
-            return None
-        if verbose:
-            print(f"Phase 2: continuing on the full data until the "
-                  f"validation-part loss < {target:.6g} (at most "
-                  f"{self.max_epochs} epochs)")
-        stop = _StopBelow(target, self._validation_loss)
-        return self._fit(self.max_epochs, verbose, self.callbacks + [stop])
+    def _phase2(self, resuming, verbose):
+        """Runs phase 2 (resumed from its backup, if any); its log rows."""
+        plan = self._plan
+        backup = None
+        created = False
+        if self._folder is not None:
+            created = not os.path.isdir(self._folder)
+            self._save_state(phase=2, arrays=True)
+            backup = os.path.join(self._folder, _PHASE2_FOLDER)
+            if resuming:
+                _shared.write_folder(backup, self._phase2_files)
+            else:
+                for name in _PHASE1_FILES:
+                    path = os.path.join(self._folder, name)
+                    if os.path.exists(path):
+                        os.remove(path)
+        self._set_values(self._start_values)
+        if verbose and not resuming:
+            if plan["target"] is None:
+                print(f"Phase 2: retraining on the full data from the "
+                      f"initial weights for {plan['epochs']} epochs")
+            else:
+                print(f"Phase 2: continuing on the full data until the "
+                      f"validation-part loss < {plan['target']:.6g} (at "
+                      f"most {plan['epochs']} epochs)")
+        callbacks = list(self.callbacks)
+        if plan["target"] is not None:
+            callbacks.append(_StopBelow(plan["target"],
+                                        self._validation_loss))
+        recorder = _Phase2Logs(backup)
+        callbacks.append(recorder)
+        if backup is not None:
+            callbacks.append(BackupAndRestore(backup))
+        # A resumed phase 1 left its start epoch on the model (Keras).
+        _shared.forget_resumed_epoch(self.model)
+        history = self._fit(plan["epochs"], verbose, callbacks)
+        _shared.forget_resumed_epoch(self.model)
+        rows = recorder.earlier_rows() + _rows(history)
+        self.retrain_history = keras.callbacks.History()
+        self.retrain_history.epoch = list(range(len(rows)))
+        self.retrain_history.history = _columns(rows)
+        if self._folder is not None:
+            _shared.delete_state(self._folder, _STATE_NAME)
+            shutil.rmtree(backup, ignore_errors=True)
+            if created and not os.listdir(self._folder):
+                os.rmdir(self._folder)
+        return rows
+
+    def _values(self):
+        """The model's weights, then the optimizer's variables (NumPy)."""
+        optimizer = self.model.optimizer
+        return self.model.get_weights() + (
+            [keras.ops.convert_to_numpy(v.value) for v in optimizer.variables]
+            if optimizer is not None else []
+        )
+
+    def _set_values(self, values):
+        count = len(self.model.weights)
+        self.model.set_weights(values[:count])
+        if self.model.optimizer is not None:
+            for variable, value in zip(self.model.optimizer.variables,
+                                       values[count:]):
+                variable.assign(value)
 
     def _fit(self, epochs, verbose, callbacks):
         kwargs = dict(epochs=epochs, verbose=verbose, callbacks=callbacks)
@@ -219,7 +395,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 stacklevel=2,
             )
         return self.model.fit(self.x, self.y, batch_size=self.batch_size,
-                              **kwargs)
+                              shuffle=self.shuffle, **kwargs)
 
     def _validation_loss(self):
         data = self.validation_data
@@ -230,21 +406,22 @@ class RetrainOnFullData(keras.callbacks.Callback):
             result = self.model.evaluate(data, verbose=0, return_dict=True)
         return float(result["loss"])
 
-    def _merge_histories(self, history):
+    def _merge_histories(self, phase2_rows):
+        """The History of ``fit``: every epoch of both phases (also those
+        run before an interruption), a ``phase`` column, NaN for keys
+        missing in a phase."""
         outer = self._phase1_history
         if outer is None:
             return
-        phase1 = len(outer.epoch)
-        phase2 = [] if history is None else list(history.epoch)
-        logs2 = {} if history is None else history.history
-        keys = list(outer.history) + [k for k in logs2
-                                      if k not in outer.history]
-        for key in keys:
-            first = list(outer.history.get(key, [math.nan] * phase1))
-            second = list(logs2.get(key, [math.nan] * len(phase2)))
-            outer.history[key] = first + second
-        outer.history["phase"] = [1] * phase1 + [2] * len(phase2)
-        outer.epoch = list(outer.epoch) + phase2
+        earlier = self._phase1_logs[:self._first_epoch or 0]
+        if self._first_epoch is None and self._plan is not None:
+            earlier = self._phase1_logs  # resumed in phase 2
+        phase1_rows = earlier + _rows(outer)
+        outer.history = _columns(phase1_rows + phase2_rows)
+        outer.history["phase"] = [1] * len(phase1_rows) + [2] * len(
+            phase2_rows)
+        outer.epoch = (list(range(len(phase1_rows)))
+                       + list(range(len(phase2_rows))))
         self.model.history = outer
 
     # Checks ----------------------------------------------------------------
@@ -303,6 +480,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
             "length": self.length,
             "batch_size": self.batch_size,
             "max_epochs": self.max_epochs,
+            "backup_dir": self.backup_dir,
+            "shuffle": self.shuffle,
         }
 
 
@@ -320,6 +499,70 @@ class _StopBelow(keras.callbacks.Callback):
             logs["val_part_loss"] = loss
         if loss < self.target:
             self.model.stop_training = True
+
+
+class _Phase2Logs(keras.callbacks.Callback):
+    """Keeps phase 2's epoch logs, saved in `folder` (if any) so that a
+    resumed phase 2 still reports the epochs run before the interruption."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+        self.rows = []
+        self.first_epoch = None
+
+    def on_train_begin(self, logs=None):
+        saved = None
+        if self.folder is not None:
+            saved = _shared.load_json(self.folder, _PHASE2_LOGS)
+        self.rows = [] if saved is None else saved["rows"]
+        self.first_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+            self.rows = self.rows[:epoch] + [{}] * (epoch - len(self.rows))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append(_numbers(logs))
+        if self.folder is not None:
+            _shared.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
+
+    def earlier_rows(self):
+        """Rows of the epochs run before this fit (resumed)."""
+        if self.first_epoch is None:
+            return list(self.rows)
+        return self.rows[:self.first_epoch]
+
+
+def _numbers(logs):
+    """The scalar entries of epoch logs as floats (JSON-serializable)."""
+    row = {}
+    for key, value in (logs or {}).items():
+        try:
+            row[key] = float(value)
+        except (TypeError, ValueError):
+            pass
+    return row
+
+
+def _rows(history):
+    """A History's columns as one dict per epoch."""
+    if history is None:
+        return []
+    count = len(history.epoch)
+    return [
+        {k: v[i] for k, v in history.history.items() if i < len(v)}
+        for i in range(count)
+    ]
+
+
+def _columns(rows):
+    """One list per key (first-seen order), NaN where a row lacks it."""
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    return {k: [row.get(k, math.nan) for row in rows] for k in keys}
 
 
 def _is_dataset(x):

@@ -1,11 +1,15 @@
+import os
+import tempfile
 import warnings
 
 import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import EMA, EarlyStopping, RetrainOnFullData
+from kreg.callbacks import (EMA, BackupAndRestore, EarlyStopping,
+                            RetrainOnFullData)
 from kreg.testing import TestCase
+from tests.callbacks.helpers import Interrupt, backup_pairing
 
 
 def data(n, seed):
@@ -22,7 +26,9 @@ class RecordStart(keras.callbacks.Callback):
             self.model.optimizer.iterations.value))
 
 
-class RetrainTest(TestCase):
+class RetrainData:
+    """Data, model and fit of the tests below (a mixin for TestCase)."""
+
     def setUp(self):
         super().setUp()
         self.x, self.y = data(48, 0)
@@ -48,6 +54,8 @@ class RetrainTest(TestCase):
             validation_data=(self.xv, self.yv) if validation else None,
         )
 
+
+class RetrainTest(RetrainData, TestCase):
     def test_restart_default_runs_best_epoch_plus_one_from_initial(self):
         model = self.model(jit=True)
         initial = model.get_weights()
@@ -167,3 +175,150 @@ class RetrainTest(TestCase):
             self.fit(self.model(), [
                 EarlyStopping(),
                 RetrainOnFullData(self.x_full, self.y_full[:5])], epochs=2)
+
+
+class CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+class RetrainResumeTest(RetrainData, TestCase):
+    """An interrupted two-phase fit, run again, ends as an uninterrupted one:
+    phase 1 resumed keeps the initial weights and the logged epochs; phase 2
+    resumed does not train phase 1 again."""
+
+    def run_both(self, outer=(), inner=(), algorithm="restart",
+                 backup_dir=None, epochs=30):
+        model = self.model()
+        stop = EarlyStopping(patience=2, restore_best_weights=True,
+                             backup_dir=backup_dir)
+        # "continue" with a validation part whose loss stays above the best
+        # training loss: phase 2 runs to its cap.
+        kwargs = dict(validation_data=(self.xv, 2 * self.yv),
+                      max_epochs=4) if algorithm == "continue" else {}
+        retrain = RetrainOnFullData(
+            self.x_full, self.y_full, batch_size=16, algorithm=algorithm,
+            callbacks=list(inner), backup_dir=backup_dir, shuffle=False,
+            **kwargs)
+        history = self.fit(model, [stop, retrain, *outer], epochs=epochs)
+        return model, stop, retrain, history
+
+    def assert_same_run(self, got, expected):
+        model, stop, retrain, history = got
+        model0, stop0, retrain0, history0 = expected
+        self.assertEqual(stop.best_epoch, stop0.best_epoch)
+        self.assertEqual(stop.stopped_epoch, stop0.stopped_epoch)
+        self.assertEqual(retrain.retrain_epochs, retrain0.retrain_epochs)
+        self.assertEqual(history.history["phase"], history0.history["phase"])
+        self.assertAllClose(history.history["loss"], history0.history["loss"],
+                            rtol=1e-5)
+        self.assertEqual(len(retrain.retrain_history.epoch),
+                         retrain.retrain_epochs)
+        for a, b in zip(model.get_weights(), model0.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_interrupted_in_phase_1(self):
+        for algorithm in ("restart", "continue"):
+            expected = self.run_both(algorithm=algorithm)
+            self.assertGreater(expected[1].stopped_epoch, 2)
+            for kind in ("keras", "kreg"):
+                with self.subTest(algorithm=algorithm, kind=kind), \
+                        backup_pairing(kind) as pairing:
+                    with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                        self.run_both(pairing.callbacks(Interrupt(2)),
+                                      algorithm=algorithm,
+                                      backup_dir=pairing.backup_dir)
+                    got = self.run_both(pairing.callbacks(),
+                                        algorithm=algorithm,
+                                        backup_dir=pairing.backup_dir)
+                    self.assert_same_run(got, expected)
+                    self.assertFalse(os.path.exists(pairing.backup))
+
+    def test_interrupted_in_phase_2(self):
+        for algorithm in ("restart", "continue"):
+            expected = self.run_both(algorithm=algorithm)
+            self.assertGreater(expected[2].retrain_epochs, 2)
+            for kind in ("keras", "kreg"):
+                with self.subTest(algorithm=algorithm, kind=kind), \
+                        backup_pairing(kind) as pairing:
+                    with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                        self.run_both(pairing.callbacks(), inner=[Interrupt(2)],
+                                      algorithm=algorithm,
+                                      backup_dir=pairing.backup_dir)
+                    outer, inner = CountBatches(), CountBatches()
+                    got = self.run_both(pairing.callbacks(outer),
+                                        inner=[inner], algorithm=algorithm,
+                                        backup_dir=pairing.backup_dir)
+                    self.assert_same_run(got, expected)
+                    self.assertEqual(outer.batches, 0)  # no phase 1 again
+                    # 4 batches of 16 per full-data epoch, from epoch 2 on.
+                    self.assertEqual(inner.batches,
+                                     4 * (expected[2].retrain_epochs - 2))
+                    self.assertFalse(os.path.exists(pairing.backup))
+
+    def test_phase_2_resume_refused_when_keras_backup_restores_phase_1(self):
+        # Keras's BackupAndRestore in a folder of its own, listed after
+        # RetrainOnFullData: its phase-1 backup outlives phase 1 and would
+        # train phase 1 again; a clear error instead.
+        with tempfile.TemporaryDirectory() as folder:
+            own = os.path.join(folder, "retrain")
+            keras_backup = os.path.join(folder, "keras")
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.run_both([keras.callbacks.BackupAndRestore(keras_backup)],
+                              inner=[Interrupt(1)], backup_dir=own)
+            with self.assertRaisesRegex(ValueError, "before RetrainOnFullData"):
+                self.run_both([keras.callbacks.BackupAndRestore(keras_backup)],
+                              backup_dir=own)
+
+    def test_resumed_phase_1_without_saved_state_warns(self):
+        with backup_pairing("keras") as pairing:
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.run_both(pairing.callbacks(Interrupt(2)))
+            with self.assertWarnsRegex(UserWarning, "not the initial"):
+                _, stop, retrain, _ = self.run_both(pairing.callbacks())
+            # Keras leaves the epoch the resumed fit began at on the model;
+            # phase 2 still runs all its epochs.
+            self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+
+    def test_interrupted_in_phase_2_with_an_ema_in_each_phase(self):
+        # README's example, resumed: the outer EMA (phase 1) skips the
+        # resumed fit's missing epochs; the inner one (phase 2) resumes its
+        # average from phase 2's backup.
+        def run(order, backup, interrupt):
+            model = self.model(jit=True)
+            outer, inner = EMA(decay=0.8), EMA(decay=0.8)
+            stop = EarlyStopping(patience=2, restore_best_weights=True)
+            retrain = RetrainOnFullData(
+                self.x_full, self.y_full, batch_size=16, shuffle=False,
+                callbacks=[inner] + ([Interrupt(2)] if interrupt else []))
+            callbacks = [outer, stop, retrain]
+            if order == "ema last":
+                callbacks = [retrain, stop, outer]
+            if backup is not None:
+                callbacks.append(BackupAndRestore(backup))
+            self.fit(model, callbacks)
+            return model, inner, retrain
+
+        model0, inner0, retrain0 = run("ema first", None, False)
+        for order in ("ema first", "ema last"):
+            with self.subTest(order=order), \
+                    tempfile.TemporaryDirectory() as folder:
+                backup = os.path.join(folder, "backup")
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    run(order, backup, True)
+                with warnings.catch_warnings():
+                    # Neither EMA restarts its average.
+                    warnings.filterwarnings("error", message="EMA:")
+                    model, inner, retrain = run(order, backup, False)
+                self.assertEqual(retrain.retrain_epochs,
+                                 retrain0.retrain_epochs)
+                self.assertEqual(inner.steps, inner0.steps)
+                for a, b in zip(model.get_weights(), model0.get_weights()):
+                    self.assertAllClose(a, b, atol=1e-6)
+                for w, s in zip(model.trainable_variables,
+                                inner.shadow_variables):
+                    self.assertAllClose(w, s, atol=1e-6)
