@@ -6,8 +6,10 @@
   ``s_t = decay * s_{t-1} + (1 - decay) * w_t``.
 - `RetrainOnFullData`: after early stopping, train again on all the data
   (Goodfellow et al., algorithms 7.2 and 7.3).
-- `BackupAndRestore`: Keras's, plus resuming kreg's `EarlyStopping` and
-  `EMA` state in the same folder.
+- `BackupAndRestore`: Keras's, plus resuming kreg's `EarlyStopping`, `EMA`
+  and `RetrainOnFullData` state in the same folder.
+- `ModelCheckpoint`: Keras's, plus the EMA's state beside each file
+  (``EMA(resume_from=file)`` continues from it).
 - `GradientMonitor`: gradient norms of a `ClippedOptimizer` in the logs,
   warnings on vanishing or exploding layers.
 """
@@ -16,6 +18,7 @@ from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.callbacks.early_stopping import EarlyStopping
 from kreg.callbacks.ema import EMA
 from kreg.callbacks.gradient_monitor import GradientMonitor
+from kreg.callbacks.model_checkpoint import ModelCheckpoint
 from kreg.callbacks.retrain_on_full_data import RetrainOnFullData
 
 __all__ = [
@@ -23,5 +26,6 @@ __all__ = [
     "BackupAndRestore",
     "EarlyStopping",
     "GradientMonitor",
+    "ModelCheckpoint",
     "RetrainOnFullData",
 ]

@@ -51,6 +51,11 @@ def backup_folder(callback, own):
     return None if backup is None else backup.backup_dir
 
 
+def checkpoint_folder(filepath):
+    """Where kreg's callbacks keep their state beside a checkpoint file."""
+    return os.fspath(filepath) + ".kreg"
+
+
 def save_state(folder, name, numbers, arrays):
     """Writes ``name.json`` (numbers) and ``name.npz`` (arrays) in `folder`."""
     os.makedirs(folder, exist_ok=True)

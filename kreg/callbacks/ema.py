@@ -66,8 +66,12 @@ class EMA(keras.callbacks.Callback):
       place of the trainable weights (with ``validate_with_averaged=True``)
       and the optimizer state of the raw run; they never hold the raw
       weights, the step count or a second copy of the shadow, so they load
-      into a plain model. Resuming training from such a file restarts from
-      the averaged weights.
+      into a plain model. `kreg.callbacks.ModelCheckpoint` (Keras's, plus
+      this state) also writes the shadow, the raw weights and the step count
+      beside each file (in the folder ``<file>.kreg``): an ``EMA(...,
+      resume_from=<file>)`` passed to the ``fit`` of the model loaded from
+      that file continues the average and the raw run. Without it,
+      training resumed from such a file restarts from the averaged weights.
     - The shadow survives an interrupted training beside
       `kreg.callbacks.BackupAndRestore` (or, with ``backup_dir``, beside
       Keras's): at the end of every epoch the shadow, the raw weights and
@@ -100,6 +104,11 @@ class EMA(keras.callbacks.Callback):
             ``kreg_ema.*``; the ``BackupAndRestore`` folder will do).
             Defaults to `None`: the folder of a
             `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
+        resume_from: a checkpoint file written by
+            `kreg.callbacks.ModelCheckpoint`: the ``fit`` starts from the
+            shadow, raw weights and step count saved beside it (a backup of
+            an interrupted ``fit`` in ``backup_dir``, newer, comes first).
+            Defaults to `None`.
 
     Example:
 
@@ -125,6 +134,7 @@ class EMA(keras.callbacks.Callback):
         keep_averaged=True,
         average_non_trainable=False,
         backup_dir=None,
+        resume_from=None,
     ):
         super().__init__()
         self.decay = check_number(
@@ -142,6 +152,7 @@ class EMA(keras.callbacks.Callback):
             "average_non_trainable", average_non_trainable
         )
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
+        self.resume_from = check_optional_path("resume_from", resume_from)
         self._targets = None
         self._built_for = None
         self._shadows = None
@@ -309,6 +320,20 @@ class EMA(keras.callbacks.Callback):
         if self._backup_folder is not None:
             self._pending = _shared.load_state(self._backup_folder,
                                                _STATE_NAME)
+        self._pending_from_checkpoint = (
+            self._pending is None and self.resume_from is not None
+        )
+        if self._pending_from_checkpoint:
+            folder = _shared.checkpoint_folder(self.resume_from)
+            self._pending = _shared.load_state(folder, _STATE_NAME)
+            if self._pending is None:
+                raise ValueError(
+                    "Invalid value received for argument `resume_from`. "
+                    "Expected a checkpoint written by kreg.callbacks."
+                    f"ModelCheckpoint with an EMA in its fit; no EMA state "
+                    f"in {folder!r}. Received: "
+                    f"resume_from={self.resume_from!r}"
+                )
         self._started = False
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -336,19 +361,7 @@ class EMA(keras.callbacks.Callback):
             self.swap_in()
             self._epoch_view = True
         if self._backup_folder is not None:
-            if self._averaged_in_model and self._backup is not None:
-                raw = [keras.ops.convert_to_numpy(v) for v in self._backup]
-            else:
-                raw = [keras.ops.convert_to_numpy(v.value)
-                       for v in self._targets]
-            shadow = [keras.ops.convert_to_numpy(s.value)
-                      for s in self._shadows]
-            _shared.save_state(
-                self._backup_folder, _STATE_NAME,
-                {"steps": self.steps, "epoch": epoch + 1,
-                 "num_shadow": len(shadow)},
-                shadow + raw,
-            )
+            self._save_state(self._backup_folder, epoch + 1)
 
     def on_test_begin(self, logs=None):
         self._swap_for_inference(
@@ -397,6 +410,20 @@ class EMA(keras.callbacks.Callback):
             _shared.delete_state(self._backup_folder, _STATE_NAME)
 
     # Internals -------------------------------------------------------------
+    def _save_state(self, folder, epoch):
+        """Writes the shadow, the raw weights and the step count to `folder`
+        (for a ``fit`` resumed at `epoch`), after a `_flush`."""
+        if self._averaged_in_model and self._backup is not None:
+            raw = [keras.ops.convert_to_numpy(v) for v in self._backup]
+        else:
+            raw = [keras.ops.convert_to_numpy(v.value) for v in self._targets]
+        shadow = [keras.ops.convert_to_numpy(s.value) for s in self._shadows]
+        _shared.save_state(
+            folder, _STATE_NAME,
+            {"steps": self.steps, "epoch": epoch, "num_shadow": len(shadow)},
+            shadow + raw,
+        )
+
     def _start(self, epoch):
         """Sets s_0 = w_0 (or an interrupted fit's state) before step 1."""
         self._flush()
@@ -405,7 +432,8 @@ class EMA(keras.callbacks.Callback):
             numbers_, arrays = pending
             saved_epoch = numbers_.get("epoch")
             num_shadow = numbers_.get("num_shadow", len(arrays))
-            if saved_epoch is not None and saved_epoch != epoch:
+            if (saved_epoch is not None and saved_epoch != epoch
+                    and not self._pending_from_checkpoint):
                 warnings.warn(
                     f"EMA: the state in {self._backup_folder!r} was saved "
                     f"after epoch {saved_epoch} but training starts at epoch "
@@ -562,6 +590,7 @@ class EMA(keras.callbacks.Callback):
             "keep_averaged": self.keep_averaged,
             "average_non_trainable": self.average_non_trainable,
             "backup_dir": self.backup_dir,
+            "resume_from": self.resume_from,
         }
 
     @classmethod

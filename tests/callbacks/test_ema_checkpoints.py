@@ -8,7 +8,7 @@ import warnings
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA
+from kreg.callbacks import EMA, ModelCheckpoint
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt
 
@@ -121,6 +121,60 @@ class EMACheckpointTest(TestCase):
             for a, b in zip(model.weights, expected_raw):
                 self.assertAllClose(a, b, atol=1e-6)
         self.assertFalse(os.path.exists(backup))
+
+    def test_model_checkpoint_resumes_average_and_raw_weights(self):
+        model = self.model()
+        full = EMA(decay=0.8)
+        full_history = self.fit(model, [full])
+        expected_final = [self.to_numpy(v) for v in model.weights]
+        with full.raw_weights():
+            expected_raw = [self.to_numpy(v) for v in model.weights]
+
+        for pattern in ("e{epoch}.keras", "e{epoch}.weights.h5"):
+            weights_only = pattern.endswith(".weights.h5")
+            with self.subTest(pattern=pattern):
+                model = self.model()
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    self.fit(model, [
+                        EMA(decay=0.8),
+                        ModelCheckpoint(self.path(pattern),
+                                        save_weights_only=weights_only),
+                        Interrupt(2),
+                    ])
+                file = self.path(pattern.format(epoch=2))
+                if weights_only:
+                    model = self.model()
+                    model.optimizer.build(model.trainable_variables)
+                    model.load_weights(file)
+                else:
+                    model = keras.models.load_model(file)
+                # The file holds the averaged weights of epoch 2 (index 1).
+                self.assertAllClose(
+                    model.evaluate(*self.val, batch_size=8, verbose=0),
+                    full_history.history["val_loss"][1], rtol=1e-5)
+                resumed = EMA(decay=0.8, resume_from=file)
+                history = model.fit(
+                    self.x, self.y, batch_size=8, epochs=4, initial_epoch=2,
+                    shuffle=False, verbose=0, callbacks=[resumed],
+                    validation_data=self.val)
+                self.assertEqual(resumed.steps, full.steps)
+                self.assertAllClose(history.history["val_loss"],
+                                    full_history.history["val_loss"][2:],
+                                    rtol=1e-5)
+                for a, b in zip(model.weights, expected_final):
+                    self.assertAllClose(a, b, atol=1e-6)
+                with resumed.raw_weights():
+                    for a, b in zip(model.weights, expected_raw):
+                        self.assertAllClose(a, b, atol=1e-6)
+                # The state stays beside the checkpoint, as the file does.
+                self.assertTrue(os.path.exists(file + ".kreg"))
+
+    def test_resume_from_a_file_without_state_raises(self):
+        file = self.path("plain.keras")
+        model = self.model()
+        self.fit(model, [keras.callbacks.ModelCheckpoint(file)], epochs=1)
+        with self.assertRaisesRegex(ValueError, "resume_from="):
+            self.fit(model, [EMA(resume_from=file)], epochs=1)
 
     def test_resume_without_state_warns(self):
         backup = self.path("backup")
