@@ -260,7 +260,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             rows = []
         else:
             rows = self._phase2(resuming, verbose)
-        self.retrain_epochs = len(rows)
+        self.retrain_epochs = rows[-1][0] + 1 if rows else 0
         self._merge_histories(rows)
 
     def _check_phase1(self, stop):
@@ -334,7 +334,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
                     if os.path.exists(path):
                         os.remove(path)
         self._set_values(self._start_values)
-        if verbose and not resuming:
+        if verbose and resuming:
+            print("Phase 2: resuming on the full data after the last epoch "
+                  "its backup holds")
+        elif verbose:
             if plan["target"] is None:
                 print(f"Phase 2: retraining on the full data from the "
                       f"initial weights for {plan['epochs']} epochs")
@@ -354,9 +357,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
         _shared.forget_resumed_epoch(self.model)
         history = self._fit(plan["epochs"], verbose, callbacks)
         _shared.forget_resumed_epoch(self.model)
-        rows = recorder.earlier_rows() + _rows(history)
+        rows = _logged(recorder.rows[:recorder.first_epoch]) + _rows(history)
         self.retrain_history = keras.callbacks.History()
-        self.retrain_history.epoch = list(range(len(rows)))
+        self.retrain_history.epoch = [epoch for epoch, _ in rows]
         self.retrain_history.history = _columns(rows)
         if self._folder is not None:
             _shared.delete_state(self._folder, _STATE_NAME)
@@ -409,19 +412,18 @@ class RetrainOnFullData(keras.callbacks.Callback):
     def _merge_histories(self, phase2_rows):
         """The History of ``fit``: every epoch of both phases (also those
         run before an interruption), a ``phase`` column, NaN for keys
-        missing in a phase."""
+        missing in a phase. Rows are ``(epoch, logs)``."""
         outer = self._phase1_history
         if outer is None:
             return
-        earlier = self._phase1_logs[:self._first_epoch or 0]
-        if self._first_epoch is None and self._plan is not None:
-            earlier = self._phase1_logs  # resumed in phase 2
-        phase1_rows = earlier + _rows(outer)
-        outer.history = _columns(phase1_rows + phase2_rows)
+        # Epochs logged before this fit (resumed): from the saved state.
+        earlier = self._phase1_logs[:self._first_epoch]
+        phase1_rows = _logged(earlier) + _rows(outer)
+        rows = phase1_rows + phase2_rows
+        outer.history = _columns(rows)
         outer.history["phase"] = [1] * len(phase1_rows) + [2] * len(
             phase2_rows)
-        outer.epoch = (list(range(len(phase1_rows)))
-                       + list(range(len(phase2_rows))))
+        outer.epoch = [epoch for epoch, _ in rows]
         self.model.history = outer
 
     # Checks ----------------------------------------------------------------
@@ -528,12 +530,6 @@ class _Phase2Logs(keras.callbacks.Callback):
         if self.folder is not None:
             _shared.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
 
-    def earlier_rows(self):
-        """Rows of the epochs run before this fit (resumed)."""
-        if self.first_epoch is None:
-            return list(self.rows)
-        return self.rows[:self.first_epoch]
-
 
 def _numbers(logs):
     """The scalar entries of epoch logs as floats (JSON-serializable)."""
@@ -546,23 +542,28 @@ def _numbers(logs):
     return row
 
 
+def _logged(logs):
+    """``(epoch, logs)`` rows of a list of epoch logs, without the epochs
+    whose logs are missing (run before an interruption, not saved)."""
+    return [(epoch, row) for epoch, row in enumerate(logs) if row]
+
+
 def _rows(history):
-    """A History's columns as one dict per epoch."""
+    """A History's epochs as ``(epoch, logs)`` rows."""
     if history is None:
         return []
-    count = len(history.epoch)
     return [
-        {k: v[i] for k, v in history.history.items() if i < len(v)}
-        for i in range(count)
+        (epoch, {k: v[i] for k, v in history.history.items() if i < len(v)})
+        for i, epoch in enumerate(history.epoch)
     ]
 
 
 def _columns(rows):
     """One list per key (first-seen order), NaN where a row lacks it."""
     keys = []
-    for row in rows:
+    for _, row in rows:
         keys += [k for k in row if k not in keys]
-    return {k: [row.get(k, math.nan) for row in rows] for k in keys}
+    return {k: [row.get(k, math.nan) for _, row in rows] for k in keys}
 
 
 def _is_dataset(x):

@@ -279,10 +279,16 @@ class RetrainResumeTest(RetrainData, TestCase):
             with self.assertRaisesRegex(RuntimeError, "interrupted"):
                 self.run_both(pairing.callbacks(Interrupt(2)))
             with self.assertWarnsRegex(UserWarning, "not the initial"):
-                _, stop, retrain, _ = self.run_both(pairing.callbacks())
+                _, stop, retrain, history = self.run_both(pairing.callbacks())
             # Keras leaves the epoch the resumed fit began at on the model;
             # phase 2 still runs all its epochs.
             self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+            # The History holds the epochs logged, numbered as run.
+            phase1 = history.history["phase"].count(1)
+            self.assertEqual(history.epoch,
+                             list(range(2, 2 + phase1))
+                             + list(range(retrain.retrain_epochs)))
+            self.assertFalse(np.any(np.isnan(history.history["loss"])))
 
     def test_interrupted_in_phase_2_with_an_ema_in_each_phase(self):
         # README's example, resumed: the outer EMA (phase 1) skips the
