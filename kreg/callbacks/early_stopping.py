@@ -56,7 +56,9 @@ class EarlyStopping(keras.callbacks.Callback):
       with ``backup_dir``, beside Keras's) it is written to the backup folder
       at the end of every epoch and read back when the resumed ``fit``
       begins, so it stops at the same epoch as an uninterrupted one. The
-      files are deleted when training ends.
+      files are deleted when training ends. `kreg.callbacks.ModelCheckpoint`
+      also writes it beside each checkpoint file; ``resume_from=<file>``
+      continues from there (``fit(initial_epoch=...)`` of the loaded model).
       `get_state` / `set_state` give the same state as a dict.
 
     Args:
@@ -82,6 +84,10 @@ class EarlyStopping(keras.callbacks.Callback):
             folder: the files are named ``kreg_early_stopping.*``). Defaults
             to `None`: the folder of a `kreg.callbacks.BackupAndRestore` in
             the same ``fit``, if any (else no backup).
+        resume_from: a checkpoint file written by
+            `kreg.callbacks.ModelCheckpoint`: the ``fit`` starts from the
+            state saved beside it (a backup in ``backup_dir``, newer, comes
+            first). Defaults to `None`.
 
     Example:
 
@@ -107,6 +113,7 @@ class EarlyStopping(keras.callbacks.Callback):
         restore_best_weights=False,
         start_from_epoch=0,
         backup_dir=None,
+        resume_from=None,
     ):
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
@@ -129,6 +136,7 @@ class EarlyStopping(keras.callbacks.Callback):
             "start_from_epoch", start_from_epoch
         )
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
+        self.resume_from = check_optional_path("resume_from", resume_from)
         self._backup_folder = self.backup_dir  # set again in on_train_begin
         self._maximize = None
         self._reset()
@@ -172,15 +180,14 @@ class EarlyStopping(keras.callbacks.Callback):
             None if weights is None else [np.array(w) for w in weights]
         )
 
-    def _save_backup(self):
+    def _save_state(self, folder):
         state = self.get_state()
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
-        _shared.save_state(self._backup_folder, _STATE_NAME, state,
-                           weights or [])
+        _shared.save_state(folder, _STATE_NAME, state, weights or [])
 
-    def _load_backup(self):
-        loaded = _shared.load_state(self._backup_folder, _STATE_NAME)
+    def _load_state(self, folder):
+        loaded = _shared.load_state(folder, _STATE_NAME)
         if loaded is None:
             return False
         numbers_, arrays = loaded
@@ -188,21 +195,47 @@ class EarlyStopping(keras.callbacks.Callback):
         self.set_state(numbers_)
         return True
 
+    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
+        """`kreg.callbacks.ModelCheckpoint` saved a file at `epoch`: the
+        state goes beside it once this epoch's value has been counted (the
+        checkpoint may be listed before this callback)."""
+        if at_epoch_end and self._epoch_counted != epoch:
+            self._checkpoint_folders.append(folder)
+        else:
+            self._save_state(folder)
+
     # Callback hooks ------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._reset()
         self._finished = False
+        self._epoch_counted = None
+        self._checkpoint_folders = []
         _shared.register(self, "early_stopping")
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
+        loaded = False
         if self._backup_folder is not None:
-            self._load_backup()
+            loaded = self._load_state(self._backup_folder)
+        if not loaded and self.resume_from is not None:
+            folder = _shared.checkpoint_folder(self.resume_from)
+            if not self._load_state(folder):
+                raise ValueError(
+                    "Invalid value received for argument `resume_from`. "
+                    "Expected a checkpoint written by kreg.callbacks."
+                    "ModelCheckpoint with an EarlyStopping in its fit; no "
+                    f"EarlyStopping state in {folder!r}. Received: "
+                    f"resume_from={self.resume_from!r}"
+                )
 
     def on_epoch_end(self, epoch, logs=None):
         current = self._monitor_value(logs)
         if current is not None and epoch >= self.start_from_epoch:
             self._update(epoch, current)
+        self._epoch_counted = epoch
         if self._backup_folder is not None:
-            self._save_backup()
+            self._save_state(self._backup_folder)
+        for folder in self._checkpoint_folders:
+            self._save_state(folder)
+        self._checkpoint_folders = []
 
     def on_train_end(self, logs=None):
         if not self._finished:
@@ -312,6 +345,7 @@ class EarlyStopping(keras.callbacks.Callback):
             "restore_best_weights": self.restore_best_weights,
             "start_from_epoch": self.start_from_epoch,
             "backup_dir": self.backup_dir,
+            "resume_from": self.resume_from,
         }
 
     @classmethod

@@ -1,4 +1,4 @@
-"""ModelCheckpoint: Keras's, plus the state of kreg's EMA beside each file."""
+"""ModelCheckpoint: Keras's, plus kreg's callbacks' state beside each file."""
 
 import keras
 
@@ -6,7 +6,8 @@ from kreg.callbacks import _shared
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`keras.callbacks.ModelCheckpoint` that also saves kreg's EMA state.
+    """`keras.callbacks.ModelCheckpoint` that also saves kreg's callbacks'
+    state.
 
     With kreg's `EMA` in the same `fit`, each checkpoint file holds the
     averaged weights (the model you keep: it loads into a plain model), and
@@ -15,12 +16,15 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     ``<file>.kreg`` (files ``kreg_ema.*``), so that training can go on from
     a checkpoint as from Keras's optimizer-based ``use_ema``: load the
     file, and give the new `fit` an ``EMA(..., resume_from=<file>)``; it puts
-    back the raw weights and continues the average. The folder is not
+    back the raw weights and continues the average. Likewise kreg's
+    `EarlyStopping` (best value and epoch, wait counter, best weights;
+    ``EarlyStopping(..., resume_from=<file>)``), written once it has counted
+    the epoch, whatever the order of the callbacks. The folder is not
     deleted (the checkpoint is not either).
 
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,
-    `save_weights_only`, `save_freq`, ...). Without an EMA in the `fit` it
-    behaves exactly as Keras's.
+    `save_weights_only`, `save_freq`, ...). Without kreg's callbacks in the
+    `fit` it behaves exactly as Keras's.
 
     Example:
 
@@ -40,10 +44,15 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs):
         self._saving_to = None
         super()._save_model(epoch, batch, logs)
-        ema = _shared.lookup(self, "ema")
-        if self._saving_to is None or ema is None or ema._shadows is None:
+        if self._saving_to is None:
             return
-        ema._flush()
-        # At an epoch's end the resumed fit starts at the next epoch.
-        ema._save_state(_shared.checkpoint_folder(self._saving_to),
-                        epoch + 1 if batch is None else epoch)
+        folder = _shared.checkpoint_folder(self._saving_to)
+        ema = _shared.lookup(self, "ema")
+        if ema is not None and ema._shadows is not None:
+            ema._flush()
+            # At an epoch's end the resumed fit starts at the next epoch.
+            ema._save_state(folder, epoch + 1 if batch is None else epoch)
+        stop = _shared.lookup(self, "early_stopping")
+        if stop is not None:
+            stop._save_for_checkpoint(folder, epoch,
+                                      at_epoch_end=batch is None)

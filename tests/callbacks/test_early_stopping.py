@@ -1,10 +1,11 @@
 import os
+import tempfile
 
 import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import EarlyStopping
+from kreg.callbacks import EarlyStopping, ModelCheckpoint
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt, backup_pairing
 
@@ -193,10 +194,11 @@ class FitTest(TestCase):
                       jit_compile=jit and self.jit_compile_setting())
         return model
 
-    def fit(self, model, callbacks, epochs=30):
+    def fit(self, model, callbacks, epochs=30, initial_epoch=0):
         return model.fit(self.x, self.y, batch_size=16, epochs=epochs,
                          shuffle=False, verbose=0, callbacks=callbacks,
-                         validation_data=(self.xv, self.yv))
+                         validation_data=(self.xv, self.yv),
+                         initial_epoch=initial_epoch)
 
     def test_same_stop_as_keras_and_restores_best(self):
         keras_cb = keras.callbacks.EarlyStopping(patience=2)
@@ -269,3 +271,39 @@ class FitTest(TestCase):
                 self.assertAllClose(second.best, full.best, rtol=1e-6)
                 for a, b in zip(model.get_weights(), ref_weights):
                     self.assertAllClose(a, b, atol=1e-6)
+
+    def test_model_checkpoint_file_resumes_the_state(self):
+        full = EarlyStopping(patience=2, restore_best_weights=True)
+        model = self.model()
+        self.fit(model, [full])
+        stop = full.stopped_epoch
+        ref_weights = model.get_weights()
+        # Resumed at the stopping epoch from the file of the epoch before,
+        # which is after the best one: best value and weights and the wait
+        # counter must all come back.
+        cut = stop
+        self.assertLess(full.best_epoch, cut - 1)
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "e{epoch}.keras")
+            model = self.model()
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                # The checkpoint listed first: the state beside the file is
+                # still the one after the epoch was counted.
+                self.fit(model, [
+                    ModelCheckpoint(pattern),
+                    EarlyStopping(patience=2, restore_best_weights=True),
+                    Interrupt(cut)])
+            file = pattern.format(epoch=cut)
+            model = keras.models.load_model(file)
+            second = EarlyStopping(patience=2, restore_best_weights=True,
+                                   resume_from=file)
+            history = self.fit(model, [second], initial_epoch=cut)
+            self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
+            self.assertEqual(second.stopped_epoch, full.stopped_epoch)
+            self.assertEqual(second.best_epoch, full.best_epoch)
+            self.assertAllClose(second.best, full.best, rtol=1e-6)
+            for a, b in zip(model.get_weights(), ref_weights):
+                self.assertAllClose(a, b, atol=1e-6)
+            with self.assertRaisesRegex(ValueError, "resume_from="):
+                self.fit(model, [EarlyStopping(
+                    resume_from=os.path.join(folder, "none.keras"))])
