@@ -12,11 +12,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     so that an interrupted `fit` can resume; callbacks keep their own state
     in memory, which an interruption loses. Passed to the same `fit`, this
     subclass lends its folder to kreg's `EarlyStopping` (best value, best
-    epoch, wait counter, best weights) and `EMA` (the shadow and the raw
-    weights) when they were given no `backup_dir` of their own: they write
-    their state there at the end of every epoch and read it back when the
-    resumed `fit` begins, so it continues as if never interrupted. Their
-    files (``kreg_*``) are deleted with the backup when training ends.
+    epoch, wait counter, best weights), `EMA` (the shadow and the raw
+    weights) and `RetrainOnFullData` (initial weights, phase, logs; phase 2
+    keeps its own backup in a subfolder) when they were given no
+    `backup_dir` of their own: they write their state there at the end of
+    every epoch and read it back when the resumed `fit` begins, so it
+    continues as if never interrupted. Their files (``kreg_*``) are deleted
+    with the backup when training ends.
 
     Keras's callback resumes a `fit` at the saved epoch by leaving that epoch
     on the model, where it stays: the model's next `fit` would also skip
