@@ -8,6 +8,7 @@ that a bad value fails at construction with a message such as::
 """
 
 import numbers
+import os
 
 
 def _fail(name, expectation, value, error=ValueError):
@@ -83,7 +84,10 @@ def check_one_of(name, value, choices):
 
 
 def check_optional_path(name, value):
-    """Returns `value` after checking it is `None` or a path string."""
-    if value is not None and not isinstance(value, str):
-        _fail(name, "None or a path string", value, TypeError)
-    return value
+    """Returns `None` or `value` as a string after checking it is a path
+    (a string or an `os.PathLike`)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        _fail(name, "None or a path (str or os.PathLike)", value, TypeError)
+    return os.fspath(value)

@@ -151,6 +151,8 @@ class SyntheticLogsTest(TestCase):
              "restore_best_weights=1"),
             (dict(start_from_epoch=-2), ValueError, "start_from_epoch=-2"),
             (dict(monitor=3), TypeError, "monitor=3"),
+            (dict(resume_from=3), TypeError, "resume_from=3"),
+            (dict(backup_dir=b"x"), TypeError, "backup_dir=b'x'"),
         ]
         for kwargs, error, text in cases:
             with self.subTest(kwargs=kwargs):

@@ -283,6 +283,7 @@ class EMATest(TestCase):
             (dict(warmup=1), TypeError, "warmup=1"),
             (dict(warmup_power=0), ValueError, "warmup_power=0"),
             (dict(keep_averaged=None), TypeError, "keep_averaged=None"),
+            (dict(resume_from=3), TypeError, "resume_from=3"),
         ]:
             with self.subTest(kwargs=kwargs):
                 with self.assertRaisesRegex(error, text):

@@ -1,4 +1,5 @@
 import os
+import pathlib
 import tempfile
 import warnings
 
@@ -159,6 +160,14 @@ class RetrainTest(RetrainData, TestCase):
             RetrainOnFullData(self.x_full, self.y_full, algorithm="magic")
         with self.assertRaisesRegex(ValueError, "validation_data=None"):
             RetrainOnFullData(self.x_full, self.y_full, algorithm="continue")
+        with self.assertRaisesRegex(TypeError, "shuffle='yes'"):
+            RetrainOnFullData(self.x_full, self.y_full, shuffle="yes")
+        with self.assertRaisesRegex(TypeError, "backup_dir=3"):
+            RetrainOnFullData(self.x_full, self.y_full, backup_dir=3)
+        # A pathlib path is a path.
+        self.assertEqual(RetrainOnFullData(
+            self.x_full, self.y_full, backup_dir=pathlib.Path("b")
+        ).backup_dir, "b")
         with self.assertRaisesRegex(ValueError, "needs a kreg.callbacks"):
             self.fit(self.model(), [RetrainOnFullData(self.x_full,
                                                       self.y_full)], epochs=2)
