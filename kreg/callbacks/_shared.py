@@ -56,6 +56,22 @@ def checkpoint_folder(filepath):
     return os.fspath(filepath) + ".kreg"
 
 
+def load_checkpoint_state(filepath, name, owner):
+    """``(numbers, arrays)`` saved as `name` beside the checkpoint file
+    `filepath` (``resume_from`` of `owner`, a class name); a `ValueError`
+    when there is none."""
+    folder = checkpoint_folder(filepath)
+    loaded = load_state(folder, name)
+    if loaded is None:
+        raise ValueError(
+            "Invalid value received for argument `resume_from`. Expected a "
+            f"checkpoint written by kreg.callbacks.ModelCheckpoint with an "
+            f"{owner} in its fit; no {owner} state in {folder!r}. Received: "
+            f"resume_from={filepath!r}"
+        )
+    return loaded
+
+
 def save_state(folder, name, numbers, arrays):
     """Writes ``name.json`` (numbers) and ``name.npz`` (arrays) in `folder`."""
     os.makedirs(folder, exist_ok=True)

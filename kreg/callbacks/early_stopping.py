@@ -186,8 +186,9 @@ class EarlyStopping(keras.callbacks.Callback):
         state["has_weights"] = weights is not None
         _shared.save_state(folder, _STATE_NAME, state, weights or [])
 
-    def _load_state(self, folder):
-        loaded = _shared.load_state(folder, _STATE_NAME)
+    def _set_saved_state(self, loaded):
+        """Restores ``(numbers, arrays)`` written by `_save_state`; False
+        for None (nothing saved)."""
         if loaded is None:
             return False
         numbers_, arrays = loaded
@@ -214,17 +215,11 @@ class EarlyStopping(keras.callbacks.Callback):
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
         loaded = False
         if self._backup_folder is not None:
-            loaded = self._load_state(self._backup_folder)
+            loaded = self._set_saved_state(
+                _shared.load_state(self._backup_folder, _STATE_NAME))
         if not loaded and self.resume_from is not None:
-            folder = _shared.checkpoint_folder(self.resume_from)
-            if not self._load_state(folder):
-                raise ValueError(
-                    "Invalid value received for argument `resume_from`. "
-                    "Expected a checkpoint written by kreg.callbacks."
-                    "ModelCheckpoint with an EarlyStopping in its fit; no "
-                    f"EarlyStopping state in {folder!r}. Received: "
-                    f"resume_from={self.resume_from!r}"
-                )
+            self._set_saved_state(_shared.load_checkpoint_state(
+                self.resume_from, _STATE_NAME, "EarlyStopping"))
 
     def on_epoch_end(self, epoch, logs=None):
         current = self._monitor_value(logs)

@@ -324,16 +324,8 @@ class EMA(keras.callbacks.Callback):
             self._pending is None and self.resume_from is not None
         )
         if self._pending_from_checkpoint:
-            folder = _shared.checkpoint_folder(self.resume_from)
-            self._pending = _shared.load_state(folder, _STATE_NAME)
-            if self._pending is None:
-                raise ValueError(
-                    "Invalid value received for argument `resume_from`. "
-                    "Expected a checkpoint written by kreg.callbacks."
-                    f"ModelCheckpoint with an EMA in its fit; no EMA state "
-                    f"in {folder!r}. Received: "
-                    f"resume_from={self.resume_from!r}"
-                )
+            self._pending = _shared.load_checkpoint_state(
+                self.resume_from, _STATE_NAME, "EMA")
         self._started = False
 
     def on_epoch_begin(self, epoch, logs=None):
