@@ -8,7 +8,7 @@ import warnings
 import keras
 import numpy as np
 
-from kreg.callbacks import _shared
+from kreg.callbacks import _shared, early_stopping, ema
 from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.utils.validation import (check_bool, check_one_of,
                                    check_optional_path)
@@ -20,13 +20,13 @@ _LENGTHS = ("epochs", "steps", "scaled")
 _STATE_NAME = "kreg_retrain_on_full_data"
 _PHASE2_FOLDER = "kreg_retrain_phase2"
 _PHASE2_LOGS = "kreg_retrain_phase2_logs"
-# Phase 1's backups (Keras's BackupAndRestore, kreg's callbacks), obsolete
-# once phase 2 begins: a resumed fit must not train phase 1 again.
-_PHASE1_FILES = (
+# Phase 1's backups (Keras's BackupAndRestore; kreg's callbacks' states),
+# obsolete once phase 2 begins: a resumed fit must not train phase 1 again.
+_KERAS_BACKUP_FILES = (
     "latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json",
-    "training_metadata.json.bkp", "kreg_early_stopping.json",
-    "kreg_early_stopping.npz", "kreg_ema.json", "kreg_ema.npz",
+    "training_metadata.json.bkp",
 )
+_PHASE1_STATES = (early_stopping._STATE_NAME, ema._STATE_NAME)
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -329,10 +329,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
             if resuming:
                 _shared.write_folder(backup, self._phase2_files)
             else:
-                for name in _PHASE1_FILES:
+                for name in _KERAS_BACKUP_FILES:
                     path = os.path.join(self._folder, name)
                     if os.path.exists(path):
                         os.remove(path)
+                for name in _PHASE1_STATES:
+                    _shared.delete_state(self._folder, name)
         self._set_values(self._start_values)
         if verbose and resuming:
             print("Phase 2: resuming on the full data after the last epoch "
