@@ -238,6 +238,18 @@ class FitTest(TestCase):
         self.assertEqual(cb.best_epoch,
                          int(np.argmin(history.history["val_loss"])))
 
+    def assert_same_stop(self, model, second, history, full, ref_weights,
+                         cut):
+        """A fit resumed at epoch `cut` stopped as the uninterrupted one
+        (`full`, which left `ref_weights`)."""
+        self.assertEqual(len(history.history["loss"]),
+                         full.stopped_epoch + 1 - cut)
+        self.assertEqual(second.stopped_epoch, full.stopped_epoch)
+        self.assertEqual(second.best_epoch, full.best_epoch)
+        self.assertAllClose(second.best, full.best, rtol=1e-6)
+        for a, b in zip(model.get_weights(), ref_weights):
+            self.assertAllClose(a, b, atol=1e-6)
+
     def test_resume_after_interruption_gives_same_result(self):
         full = EarlyStopping(patience=2, restore_best_weights=True)
         model = self.model()
@@ -267,12 +279,8 @@ class FitTest(TestCase):
                 history = self.fit(model, callbacks(second))
                 self.assertFalse(os.path.exists(
                     os.path.join(backup, "kreg_early_stopping.json")))
-                self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
-                self.assertEqual(second.stopped_epoch, full.stopped_epoch)
-                self.assertEqual(second.best_epoch, full.best_epoch)
-                self.assertAllClose(second.best, full.best, rtol=1e-6)
-                for a, b in zip(model.get_weights(), ref_weights):
-                    self.assertAllClose(a, b, atol=1e-6)
+                self.assert_same_stop(model, second, history, full,
+                                      ref_weights, cut)
 
     def test_model_checkpoint_file_resumes_the_state(self):
         full = EarlyStopping(patience=2, restore_best_weights=True)
@@ -300,12 +308,8 @@ class FitTest(TestCase):
             second = EarlyStopping(patience=2, restore_best_weights=True,
                                    resume_from=file)
             history = self.fit(model, [second], initial_epoch=cut)
-            self.assertEqual(len(history.history["loss"]), stop + 1 - cut)
-            self.assertEqual(second.stopped_epoch, full.stopped_epoch)
-            self.assertEqual(second.best_epoch, full.best_epoch)
-            self.assertAllClose(second.best, full.best, rtol=1e-6)
-            for a, b in zip(model.get_weights(), ref_weights):
-                self.assertAllClose(a, b, atol=1e-6)
+            self.assert_same_stop(model, second, history, full, ref_weights,
+                                  cut)
             with self.assertRaisesRegex(ValueError, "resume_from="):
                 self.fit(model, [EarlyStopping(
                     resume_from=os.path.join(folder, "none.keras"))])

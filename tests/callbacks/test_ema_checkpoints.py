@@ -89,13 +89,29 @@ class EMACheckpointTest(TestCase):
         self.assertAllClose(model.evaluate(*self.val, batch_size=8, verbose=0), best,
                             rtol=1e-5)
 
-    def test_backup_and_restore_resumes_shadow_and_raw_weights(self):
+    def uninterrupted(self):
+        """A 4-epoch fit with an EMA: what a resumed fit must reproduce."""
         model = self.model()
         full = EMA(decay=0.8)
-        full_history = self.fit(model, [full])
-        expected_final = [self.to_numpy(v) for v in model.weights]
+        history = self.fit(model, [full])
+        final = [self.to_numpy(v) for v in model.weights]
         with full.raw_weights():
-            expected_raw = [self.to_numpy(v) for v in model.weights]
+            raw = [self.to_numpy(v) for v in model.weights]
+        return full, history, final, raw
+
+    def assert_resumed_at_epoch_2(self, model, resumed, history, expected):
+        full, full_history, final, raw = expected
+        self.assertEqual(resumed.steps, full.steps)
+        self.assertAllClose(history.history["val_loss"],
+                            full_history.history["val_loss"][2:], rtol=1e-5)
+        for a, b in zip(model.weights, final):
+            self.assertAllClose(a, b, atol=1e-6)
+        with resumed.raw_weights():
+            for a, b in zip(model.weights, raw):
+                self.assertAllClose(a, b, atol=1e-6)
+
+    def test_backup_and_restore_resumes_shadow_and_raw_weights(self):
+        expected = self.uninterrupted()
 
         backup = self.path("backup")
         # The EMA listed before BackupAndRestore (its on_train_begin runs
@@ -112,23 +128,12 @@ class EMACheckpointTest(TestCase):
             warnings.filterwarnings("error", message="EMA:")
             history = self.fit(model, [resumed,
                                        keras.callbacks.BackupAndRestore(backup)])
-        self.assertEqual(resumed.steps, full.steps)
-        self.assertAllClose(history.history["val_loss"],
-                            full_history.history["val_loss"][2:], rtol=1e-5)
-        for a, b in zip(model.weights, expected_final):
-            self.assertAllClose(a, b, atol=1e-6)
-        with resumed.raw_weights():
-            for a, b in zip(model.weights, expected_raw):
-                self.assertAllClose(a, b, atol=1e-6)
+        self.assert_resumed_at_epoch_2(model, resumed, history, expected)
         self.assertFalse(os.path.exists(backup))
 
     def test_model_checkpoint_resumes_average_and_raw_weights(self):
-        model = self.model()
-        full = EMA(decay=0.8)
-        full_history = self.fit(model, [full])
-        expected_final = [self.to_numpy(v) for v in model.weights]
-        with full.raw_weights():
-            expected_raw = [self.to_numpy(v) for v in model.weights]
+        expected = self.uninterrupted()
+        full_history = expected[1]
 
         for pattern in ("e{epoch}.keras", "e{epoch}.weights.h5"):
             weights_only = pattern.endswith(".weights.h5")
@@ -157,15 +162,8 @@ class EMACheckpointTest(TestCase):
                     self.x, self.y, batch_size=8, epochs=4, initial_epoch=2,
                     shuffle=False, verbose=0, callbacks=[resumed],
                     validation_data=self.val)
-                self.assertEqual(resumed.steps, full.steps)
-                self.assertAllClose(history.history["val_loss"],
-                                    full_history.history["val_loss"][2:],
-                                    rtol=1e-5)
-                for a, b in zip(model.weights, expected_final):
-                    self.assertAllClose(a, b, atol=1e-6)
-                with resumed.raw_weights():
-                    for a, b in zip(model.weights, expected_raw):
-                        self.assertAllClose(a, b, atol=1e-6)
+                self.assert_resumed_at_epoch_2(model, resumed, history,
+                                               expected)
                 # The state stays beside the checkpoint, as the file does.
                 self.assertTrue(os.path.exists(file + ".kreg"))
 
