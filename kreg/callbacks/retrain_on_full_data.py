@@ -219,8 +219,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "`backup_dir=`) to resume it.",
                 stacklevel=2,
             )
-        self._phase1_logs = self._phase1_logs[:epoch]
-        self._phase1_logs += [{}] * (epoch - len(self._phase1_logs))
+        self._phase1_logs = _up_to(self._phase1_logs, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         self._phase1_logs.append(_numbers(logs))
@@ -525,7 +524,7 @@ class _Phase2Logs(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
             self.first_epoch = epoch
-            self.rows = self.rows[:epoch] + [{}] * (epoch - len(self.rows))
+            self.rows = _up_to(self.rows, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append(_numbers(logs))
@@ -542,6 +541,12 @@ def _numbers(logs):
         except (TypeError, ValueError):
             pass
     return row
+
+
+def _up_to(logs, epoch):
+    """Saved epoch logs for a fit (re)starting at `epoch`: those of the
+    epochs before it, ``{}`` for any not saved."""
+    return logs[:epoch] + [{}] * (epoch - len(logs))
 
 
 def _logged(logs):
