@@ -320,6 +320,35 @@ class EMAFusedStepTest(EMATest):
             self.assertAllEqual(a, b)
 
 
+@unittest.skipUnless(keras.backend.backend() == "jax", "JAX's packed shadow")
+class EMAPackedShadowTest(EMAFusedStepTest):
+    """Every EMA test with the shadow packed into one flat buffer during
+    training, as on a GPU with JAX, forced on the CPU."""
+
+    def setUp(self):
+        super().setUp()
+        module = importlib.import_module("kreg.callbacks.ema")
+        patcher = mock.patch.object(
+            module._Updater, "_jax_pack_shadows", return_value=True
+        )
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_packed_in_fused_and_separate_updates(self):
+        for jit in (True, False):
+            with self.subTest(jit=jit):
+                model = self.model(jit=jit)
+                record = RecordBatchWeights()
+                ema = EMA(decay=0.8, keep_averaged=False)
+                self.fit(model, [record, ema], epochs=1, validation=False)
+                self.assertTrue(ema._updater._packed)
+                self.assertEqual(ema._updater._fused_cache is not None, jit)
+                expected = numpy_ema(record.initial, record.after_batch, 0.8)
+                for s, e in zip(ema.shadow_variables, expected):
+                    self.assertEqual(tuple(s.shape), e.shape)
+                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+
+
 @unittest.skipUnless(keras.backend.backend() == "torch", "PyTorch's update")
 class EMATorchOnDeviceUpdateTest(EMATest):
     """Every EMA test with the PyTorch update meant for accelerators (the
