@@ -803,7 +803,8 @@ class _Updater:
         time, one buffer for all shadows instead of one per weight saves
         ~15 us per step (H100, the benchmark MLP). Not on the CPU: there
         XLA's concatenation is several times slower than the per-weight
-        update. Needs one dtype for all shadows.
+        update. Needs one dtype for all shadows, and no distribution (a
+        concatenation of sharded weights would gather them).
         """
         import jax
 
@@ -811,6 +812,7 @@ class _Updater:
         return (
             jax.default_backend() != "cpu" and len(self.shadows) > 1
             and len(dtypes) == 1
+            and keras.distribution.distribution() is None
         )
 
     def _jax_math(self, shadows, weights, count, last, iteration):

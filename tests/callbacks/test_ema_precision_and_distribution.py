@@ -4,6 +4,7 @@ float32 and follows a NumPy recomputation of the weight trajectory recorded
 batch by batch."""
 
 import unittest
+from unittest import mock
 
 import keras
 import numpy as np
@@ -149,3 +150,9 @@ class EMAPrecisionAndDistributionTest(TestCase):
             )
             self.assert_averaged_weights_gave_val_loss(model, ema, history,
                                                        rtol=1e-5)
+            # A GPU would pack the shadow into one buffer (see
+            # `_jax_pack_shadows`), but not the shards of distributed weights.
+            with mock.patch("jax.default_backend", return_value="gpu"):
+                self.assertFalse(ema._updater._jax_pack_shadows())
+        with mock.patch("jax.default_backend", return_value="gpu"):
+            self.assertTrue(ema._updater._jax_pack_shadows())
