@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
+from kreg.callbacks._ema_updater import Updater, copies, copy_value
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
@@ -215,8 +216,8 @@ class EMA(keras.callbacks.Callback):
         if self._averaged_in_model:
             return
         self._flush()
-        self._backup = _copies([v.value for v in self._targets])
-        averaged = _copies([s.value for s in self._shadows])
+        self._backup = copies([v.value for v in self._targets])
+        averaged = copies([s.value for s in self._shadows])
         for target, value in zip(self._targets, averaged):
             target.assign(value)
         self._averaged_in_model = True
@@ -339,7 +340,7 @@ class EMA(keras.callbacks.Callback):
             self._end_epoch_view()
 
     def on_train_batch_begin(self, batch, logs=None):
-        # Folds in the previous optimizer step (see `_Updater`).
+        # Folds in the previous optimizer step (see `Updater`).
         self._updater()
         self._step_pending = True
 
@@ -457,13 +458,13 @@ class EMA(keras.callbacks.Callback):
                     "BackupAndRestore (or pass `backup_dir=`) to resume it.",
                     stacklevel=2,
                 )
-            initial = _copies([t.value for t in self._targets])
+            initial = copies([t.value for t in self._targets])
             for shadow, value in zip(self._shadows, initial):
                 shadow.assign(value)
             self._count.assign(0)
         # Only optimizer steps taken from here on are averaged (a restored
         # optimizer may have moved the iteration counter).
-        self._last.assign(_copy(self.model.optimizer.iterations.value))
+        self._last.assign(copy_value(self.model.optimizer.iterations.value))
 
     def _end_epoch_view(self):
         """The next epoch begins: the raw weights go back in."""
@@ -557,7 +558,7 @@ class EMA(keras.callbacks.Callback):
         # s_0 = w_0.
         self._shadows = [
             keras.Variable(
-                _copy(v.value), dtype=v.dtype, trainable=False,
+                copy_value(v.value), dtype=v.dtype, trainable=False,
                 name=f"ema_{v.name}",
             )
             for v in targets
@@ -565,10 +566,10 @@ class EMA(keras.callbacks.Callback):
         self._count = keras.Variable(0, dtype="int32", trainable=False,
                                      name="ema_count")
         self._last = keras.Variable(
-            _copy(iterations.value), dtype=iterations.dtype, trainable=False,
-            name="ema_last_iteration",
+            copy_value(iterations.value), dtype=iterations.dtype,
+            trainable=False, name="ema_last_iteration",
         )
-        self._updater = _Updater(
+        self._updater = Updater(
             self.model, targets, self._shadows, self._count, self._last,
             config,
         )
@@ -588,541 +589,3 @@ class EMA(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def _copy(value):
-    """A copy that owns its buffer (JAX train steps donate their inputs)."""
-    return keras.ops.copy(value)
-
-
-_JAX_COPIES = []
-
-
-def _copies(values):
-    """`_copy` of each value; on JAX one compiled call for all of them
-    (an eager copy per weight is one dispatch each, at every swap)."""
-    if keras.backend.backend() != "jax":
-        return [_copy(v) for v in values]
-    if not _JAX_COPIES:
-        import jax
-        import jax.numpy as jnp
-
-        _JAX_COPIES.append(jax.jit(lambda xs: [jnp.copy(x) for x in xs]))
-    return _JAX_COPIES[0](list(values))
-
-
-_JAX_PACKING = {}
-
-
-def _packed(values):
-    """The values raveled into one new flat array (JAX, one compiled call)."""
-    if "pack" not in _JAX_PACKING:
-        import jax
-        import jax.numpy as jnp
-
-        _JAX_PACKING["pack"] = jax.jit(
-            lambda xs: [jnp.concatenate([jnp.ravel(x) for x in xs])]
-        )
-    return _JAX_PACKING["pack"](list(values))
-
-
-def _unpacked(packed, shapes):
-    """Inverse of `_packed`: new arrays of the given shapes."""
-    if "unpack" not in _JAX_PACKING:
-        import jax
-
-        def unpack(packed, shapes):
-            flat, pieces, offset = packed[0], [], 0
-            for shape in shapes:
-                size = int(np.prod(shape))
-                pieces.append(flat[offset:offset + size].reshape(shape))
-                offset += size
-            return pieces
-
-        _JAX_PACKING["unpack"] = jax.jit(unpack, static_argnums=1)
-    return _JAX_PACKING["unpack"](packed, tuple(shapes))
-
-
-def _ema_math(shadows, weights, count, last, iteration, config):
-    """One EMA step, skipped in-graph when no optimizer step happened.
-
-    ``iteration`` is the optimizer's step counter now, ``last`` its value at
-    the previous update. An update happens when it moved (and, with gradient
-    accumulation over ``k`` batches, when it is a multiple of ``k``: the
-    weights change only then). Returns new shadows, count and last.
-    """
-    decay, warmup, power, accumulation = config
-    ops = keras.ops
-    changed = ops.not_equal(iteration, last)
-    if accumulation > 1:
-        changed = ops.logical_and(
-            changed, ops.equal(ops.mod(iteration, accumulation), 0)
-        )
-    count = count + ops.cast(changed, count.dtype)
-    d = ops.convert_to_tensor(decay, "float32")
-    if warmup:
-        t = ops.maximum(ops.cast(count, "float32"), 1.0)
-        d = ops.minimum(d, 1.0 - ops.power(t, -power))
-    d = ops.where(changed, d, ops.ones_like(d))
-    new = []
-    for shadow, weight in zip(shadows, weights):
-        ds = ops.cast(d, shadow.dtype)
-        new.append(ds * shadow + (1.0 - ds) * ops.cast(weight, shadow.dtype))
-    return new, count, iteration
-
-
-class _Updater:
-    """Runs the EMA update, fused into the train step where it can.
-
-    Fused (`attach`; TensorFlow and JAX with a compiled train step, no
-    distribution): the model's train function takes the optimizer step and
-    the EMA step in one compiled program; calling the updater
-    (``on_train_batch_begin``) arms the next step.
-
-    Otherwise one compiled call per step: called before every train step
-    and before the averaged weights are read (validation, swaps, state, end
-    of training), it folds in the optimizer step just taken, if any. Doing
-    it at the start of the next step instead of in ``on_train_batch_end``
-    keeps Keras's asynchronous callback dispatch (a batch-end hook forces
-    every step's logs to the host and serializes the loop).
-    """
-
-    def __init__(self, model, targets, shadows, count, last, config):
-        self.model = model
-        self.targets = targets
-        self.shadows = shadows
-        self.count = count
-        self.last = last
-        self.config = config
-        self.iterations = model.optimizer.iterations
-        self.backend = keras.backend.backend()
-        self._fused = None  # (model, original, wrapper) while fused
-        self._fused_cache = None  # (original train function, fused one)
-        self._armed = False
-        if self.backend == "tensorflow":
-            import tensorflow as tf
-
-            def update():
-                new, count, last = _ema_math(
-                    [s.value for s in shadows], [t.value for t in targets],
-                    self.count.value, self.last.value,
-                    self.iterations.value, config,
-                )
-                for shadow, value in zip(shadows, new):
-                    shadow.assign(value)
-                self.count.assign(count)
-                self.last.assign(last)
-
-            # XLA fuses the update into one pass over each weight (about 4x
-            # faster on CPU than the unfused graph); without XLA (or where
-            # it cannot compile, e.g. some distributed variables) the plain
-            # graph is used.
-            self._tf_update_body = update
-            self._tf_plain = tf.function(update, autograph=False)
-            self._tf_xla = tf.function(update, autograph=False,
-                                       jit_compile=True)
-            self._xla_errors = (tf.errors.OpError, NotImplementedError,
-                                ValueError)
-            self.update = self._tf_first_update
-        elif self.backend == "jax":
-            import jax
-
-            self._packed = self._jax_pack_shadows()
-            self._jitted = jax.jit(self._jax_math, donate_argnums=0)
-            self._arrays = None
-            self._index = self._state_index()
-            self.update = self._jax_update
-        elif self.backend == "torch":
-            if self._torch_counter_on_host():
-                self.update = self._torch_update
-            else:
-                self.update = self._torch_update_on_device
-            self._torch_variables = (
-                list(self.shadows) + list(self.targets)
-                + [self.iterations, self.last, self.count]
-            )
-            self._torch_graphs = (
-                self.update == self._torch_update_on_device
-                and self._torch_cuda_graphs_available()
-            )
-            self._torch_graph = None  # (tensor addresses, CUDAGraph)
-        else:
-            self.update = self._eager_update
-
-    # TensorFlow ---------------------------------------------------------
-    def _tf_first_update(self):
-        try:
-            self._tf_xla()
-            self.update = self._tf_xla
-        except self._xla_errors:  # XLA unavailable or unable to compile.
-            self.update = self._tf_plain
-            self.update()
-
-    # JAX ----------------------------------------------------------------
-    def _state_index(self):
-        model = self.model
-        places = {}
-        for key, variables in (
-            ("trainable_variables", model.trainable_variables),
-            ("non_trainable_variables", model.non_trainable_variables),
-            ("optimizer_variables", model.optimizer.variables),
-        ):
-            for i, v in enumerate(variables):
-                places.setdefault(id(v), (key, i))
-        return (
-            [places[id(t)] for t in self.targets],
-            places.get(id(self.iterations)),
-        )
-
-    def _jax_current(self):
-        # During fit the JAX trainer holds the newest state in `_jax_state`
-        # and writes it into the variables only at the end of an epoch
-        # (`jax_state_sync`, which costs a full write per call). Read it
-        # there when the variables are stale.
-        model = self.model
-        state = getattr(model, "_jax_state", None)
-        targets_index, iterations_index = self._index
-        if (
-            state and not getattr(model, "_jax_state_synced", True)
-            and iterations_index is not None
-        ):
-            try:
-                weights = [state[key][i] for key, i in targets_index]
-                key, i = iterations_index
-                return weights, state[key][i]
-            except (KeyError, IndexError, TypeError):
-                pass
-        model.jax_state_sync()
-        return [t.value for t in self.targets], self.iterations.value
-
-    def _jax_pack_shadows(self):
-        """Whether the shadow is kept in one flat buffer between flushes.
-
-        Each array passed in and out of a jitted step costs host time per
-        call; on a GPU, where a small model's step is bound by that host
-        time, one buffer for all shadows instead of one per weight saves
-        ~15 us per step (H100, the benchmark MLP). Not on the CPU: there
-        XLA's concatenation is several times slower than the per-weight
-        update. Needs one dtype for all shadows, and no distribution (a
-        concatenation of sharded weights would gather them).
-        """
-        import jax
-
-        dtypes = {str(s.dtype) for s in self.shadows}
-        return (
-            jax.default_backend() != "cpu" and len(self.shadows) > 1
-            and len(dtypes) == 1
-            and keras.distribution.distribution() is None
-        )
-
-    def _jax_math(self, shadows, weights, count, last, iteration):
-        if self._packed:
-            import jax.numpy as jnp
-
-            dtype = shadows[0].dtype
-            weights = [jnp.concatenate(
-                [jnp.ravel(w).astype(dtype) for w in weights]
-            )]
-        return _ema_math(shadows, weights, count, last, iteration,
-                         self.config)
-
-    def _jax_update(self):
-        weights, iteration = self._jax_current()
-        if self._arrays is None:
-            self._arrays = self._jax_arrays()
-        shadows, count, last = self._arrays
-        self._arrays = self._jitted(shadows, weights, count, last, iteration)
-
-    def _jax_arrays(self):
-        # Copies: the jitted update donates (reuses) its input buffers.
-        values = [s.value for s in self.shadows]
-        shadows = _packed(values) if self._packed else _copies(values)
-        return shadows, _copy(self.count.value), _copy(self.last.value)
-
-    def _jax_shadow_values(self, shadows):
-        """The shadows of `_arrays`, one array per shadow variable."""
-        if not self._packed:
-            return shadows
-        return _unpacked(shadows, [tuple(s.shape) for s in self.shadows])
-
-    # Fused into the train step -------------------------------------------
-    def attach(self):
-        """Fuses the update into the model's compiled train step.
-
-        One compiled program then takes the optimizer step and the EMA step:
-        no second dispatch per batch, and XLA fuses the shadow update into
-        the optimizer's pass over the weights. The model's `train_function`
-        is replaced for this `fit` only (`detach` restores it); a step the
-        EMA did not arm (`on_train_batch_begin`), or one in another fit
-        (another `model.history`), runs the original function, so an
-        interrupted fit leaves no EMA in later fits. Under a distribution
-        (`tf.distribute`, `keras.distribution`), with JAX's `jit_compile=False`
-        or NNX, and on PyTorch, the separate call per step is kept (on
-        PyTorch with CUDA, replayed from a CUDA graph captured here).
-        """
-        if self.backend == "torch":
-            self._torch_capture()
-        model = self.model
-        original = model.train_function
-        if (
-            original is None or model.run_eagerly
-            or getattr(model, "history", None) is None
-            or model.steps_per_execution != 1
-        ):
-            return
-        if self.backend == "jax":
-            fused = self._jax_fused_function(original)
-        elif self.backend == "tensorflow":
-            fused = self._tf_fused_function(original)
-        else:
-            fused = None
-        if fused is None:
-            return
-        # This fit's History: a later fit (after an interrupted one that
-        # left this wrapper in place) has another.
-        fit_token = model.history
-
-        def train_function(*args):
-            if not self._armed or model.history is not fit_token:
-                return original(*args)
-            self._armed = False
-            return fused(*args)
-
-        model.train_function = train_function
-        self._fused = (model, original, train_function)
-
-    def detach(self):
-        """Gives the model its own train function back."""
-        if self._fused is None:
-            return
-        model, original, wrapper = self._fused
-        if model.train_function is wrapper:
-            model.train_function = original
-        self._fused = None
-        self._armed = False
-
-    def _cached(self, original, build):
-        # Compiled once per train function (a new `compile` makes a new
-        # one), not once per fit.
-        cache = self._fused_cache
-        if cache is None or cache[0] is not original:
-            cache = self._fused_cache = (original, build())
-        return cache[1]
-
-    def _jax_fused_function(self, original):
-        model = self.model
-        try:
-            nnx = keras.config.is_nnx_enabled()
-        except AttributeError:
-            nnx = False
-        targets_index, iterations_index = self._index
-        if (
-            not model.jit_compile or nnx
-            or keras.distribution.distribution() is not None
-            or iterations_index is None
-            or iterations_index[0] != "optimizer_variables"
-        ):
-            return None
-        import jax
-
-        def step(state, arrays, data):
-            logs, state = model.train_step(state, data)
-            groups = {
-                "trainable_variables": state[0],
-                "non_trainable_variables": state[1],
-                "optimizer_variables": state[2],
-            }
-            weights = [groups[key][i] for key, i in targets_index]
-            iteration = state[2][iterations_index[1]]
-            shadows, count, last = arrays
-            return logs, state, self._jax_math(
-                shadows, weights, count, last, iteration
-            )
-
-        jitted = self._cached(
-            original, lambda: jax.jit(step, donate_argnums=(0, 1))
-        )
-
-        def fused(state, iterator):
-            if self._arrays is None:
-                self._arrays = self._jax_arrays()
-            logs, state, self._arrays = jitted(
-                state, self._arrays, next(iterator)
-            )
-            return logs, state
-
-        return fused
-
-    def _tf_fused_function(self, original):
-        import tensorflow as tf
-
-        model = self.model
-        if (
-            tf.distribute.has_strategy()
-            or getattr(model, "_distribute_strategy", None) is not None
-            or not hasattr(model, "_make_function")
-        ):
-            return None
-        train_step = model.train_step
-        update = self._tf_update_body
-
-        def step(data):
-            logs = train_step(data)
-            update()  # after the optimizer step (variable reads are ordered)
-            return logs
-
-        # Keras builds the same function around the new step (XLA when
-        # `jit_compile`): the EMA is part of the compiled train step.
-        return self._cached(original, lambda: model._make_function(step))
-
-    # PyTorch ------------------------------------------------------------
-    def _torch_update(self):
-        import torch
-
-        decay, warmup, power, accumulation = self.config
-        iteration = int(self.iterations.value)
-        last = int(self.last.value)
-        if iteration == last or iteration % accumulation:
-            return
-        count = int(self.count.value) + 1
-        d = min(decay, 1.0 - count ** (-power)) if warmup else decay
-        with torch.no_grad():
-            # s <- s + (1 - d) * (w - s), fused and in place.
-            torch._foreach_lerp_(
-                [s.value for s in self.shadows],
-                [t.value for t in self.targets],
-                1.0 - d,
-            )
-        self.count.assign(count)
-        self.last.assign(iteration)
-
-    def _torch_counter_on_host(self):
-        return self.iterations.value.device.type == "cpu"
-
-    def _torch_cuda_graphs_available(self):
-        device = self.iterations.value.device
-        return device.type == "cuda" and all(
-            t.value.device == device for t in self.targets + self.shadows
-        )
-
-    def _torch_update_on_device(self):
-        """The update without reading the step counter on the host.
-
-        On an accelerator `int(counter)` would wait for the step to finish
-        (twice per step), stalling Keras's asynchronous loop: the decision
-        "did the optimizer step?" becomes a weight of 0 instead of a branch.
-        On CUDA the ~8 kernels are replayed from a CUDA graph captured when
-        the fit begins (`attach`): one launch per step (the launches, not
-        the arithmetic, are what an EMA costs there). The graph holds the
-        tensors' addresses: if one moved, the kernels run uncaptured. It
-        also keeps its own scratch buffers (one copy of the averaged
-        weights) for as long as the EMA keeps this model.
-        """
-        if self._torch_graph is not None:
-            addresses, graph = self._torch_graph
-            if self._torch_addresses() == addresses:
-                graph.replay()
-                return
-            self._torch_graph = None
-        self._torch_device_step(*self._torch_tensors())
-
-    def _torch_tensors(self):
-        return (
-            [s.value for s in self.shadows], [t.value for t in self.targets],
-            self.iterations.value, self.last.value, self.count.value,
-        )
-
-    def _torch_addresses(self):
-        # Keras's `Variable.value` costs microseconds (autocast checks);
-        # its tensor is `_value` outside autocast scopes.
-        addresses = []
-        for v in self._torch_variables:
-            tensor = getattr(v, "_value", None)
-            addresses.append((v.value if tensor is None else tensor).data_ptr())
-        return tuple(addresses)
-
-    def _torch_capture(self):
-        """Captures the update into a CUDA graph (once per fit at most)."""
-        if not self._torch_graphs:
-            return
-        addresses = self._torch_addresses()
-        if self._torch_graph is not None and (
-            self._torch_graph[0] == addresses
-        ):
-            return
-        tensors = self._torch_tensors()
-        # A run before capturing initializes what the kernels need; at the
-        # start of a fit no optimizer step is pending, so it changes nothing.
-        self._torch_device_step(*tensors)
-        try:
-            graph = self._torch_record(
-                lambda: self._torch_device_step(*tensors)
-            )
-        except RuntimeError:  # capture unsupported here: stay uncaptured
-            self._torch_graphs = False
-            self._torch_graph = None
-            return
-        self._torch_graph = (addresses, graph)
-
-    @staticmethod
-    def _torch_record(step):
-        """A CUDA graph of `step`'s kernels (recorded, not run)."""
-        import torch
-
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
-        return graph
-
-    def _torch_device_step(self, shadows, targets, iteration, last, count):
-        import torch
-
-        decay, warmup, power, accumulation = self.config
-        with torch.no_grad():
-            changed = torch.ne(iteration, last)
-            if accumulation > 1:
-                changed = changed & torch.eq(iteration % accumulation, 0)
-            count.add_(changed.to(count.dtype))
-            if warmup:
-                t = count.to(torch.float32).clamp(min=1.0)
-                one_minus_d = torch.clamp(t.pow(-power), min=1.0 - decay)
-                weight = one_minus_d * changed
-            else:
-                weight = changed * (1.0 - decay)
-            # s <- s + (1 - d) * (w - s), in three multi-tensor kernels.
-            steps = torch._foreach_sub(targets, shadows)
-            torch._foreach_mul_(steps, weight)
-            torch._foreach_add_(shadows, steps)
-            last.copy_(iteration)
-
-    def _eager_update(self):
-        new, count, last = _ema_math(
-            [s.value for s in self.shadows], [t.value for t in self.targets],
-            self.count.value, self.last.value, self.iterations.value,
-            self.config,
-        )
-        for shadow, value in zip(self.shadows, new):
-            shadow.assign(value)
-        self.count.assign(count)
-        self.last.assign(last)
-
-    def __call__(self):
-        if self._fused is not None:
-            # The train step itself updates the shadow; let it, once.
-            self._armed = True
-        else:
-            self.update()
-
-    def flush(self, fold_in=True):
-        """Brings pending updates into the shadow variables; with
-        `fold_in`, the optimizer step taken since the last update too."""
-        if self._fused is None and fold_in:
-            self.update()
-        if self.backend == "jax" and self._arrays is not None:
-            shadows, count, last = self._arrays
-            shadows = self._jax_shadow_values(shadows)
-            for shadow, value in zip(self.shadows, shadows):
-                shadow.assign(value)
-            self.count.assign(count)
-            self.last.assign(last)
-            self._arrays = None

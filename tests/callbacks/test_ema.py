@@ -327,9 +327,9 @@ class EMAPackedShadowTest(EMAFusedStepTest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks.ema")
+        module = importlib.import_module("kreg.callbacks._ema_updater")
         patcher = mock.patch.object(
-            module._Updater, "_jax_pack_shadows", return_value=True
+            module.Updater, "_jax_pack_shadows", return_value=True
         )
         patcher.start()
         self.addCleanup(patcher.stop)
@@ -356,9 +356,9 @@ class EMATorchOnDeviceUpdateTest(EMATest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks.ema")
+        module = importlib.import_module("kreg.callbacks._ema_updater")
         patcher = mock.patch.object(
-            module._Updater, "_torch_counter_on_host", return_value=False
+            module.Updater, "_torch_counter_on_host", return_value=False
         )
         patcher.start()
         self.addCleanup(patcher.stop)
@@ -379,7 +379,7 @@ class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks.ema")
+        module = importlib.import_module("kreg.callbacks._ema_updater")
         self.replays = 0
 
         def record(step):
@@ -392,7 +392,7 @@ class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
             ("_torch_cuda_graphs_available", dict(return_value=True)),
             ("_torch_record", dict(side_effect=record)),
         ):
-            patcher = mock.patch.object(module._Updater, name, **patch)
+            patcher = mock.patch.object(module.Updater, name, **patch)
             patcher.start()
             self.addCleanup(patcher.stop)
 
