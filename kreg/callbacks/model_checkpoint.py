@@ -19,8 +19,10 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     back the raw weights and continues the average. Likewise kreg's
     `EarlyStopping` (best value and epoch, wait counter, best weights;
     ``EarlyStopping(..., resume_from=<file>)``), written once it has counted
-    the epoch, whatever the order of the callbacks. The folder is not
-    deleted (the checkpoint is not either).
+    the epoch, whatever the order of the callbacks, and kreg's
+    `RetrainOnFullData` in phase 1 (initial weights and optimizer values,
+    phase-1 logs; ``RetrainOnFullData(..., resume_from=<file>)``). The
+    folder is not deleted (the checkpoint is not either).
 
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,
     `save_weights_only`, `save_freq`, ...). Without kreg's callbacks in the
@@ -52,7 +54,8 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             ema._flush()
             # At an epoch's end the resumed fit starts at the next epoch.
             ema._save_state(folder, epoch + 1 if batch is None else epoch)
-        stop = _shared.lookup(self, "early_stopping")
-        if stop is not None:
-            stop._save_for_checkpoint(folder, epoch,
-                                      at_epoch_end=batch is None)
+        for role in ("early_stopping", "retrain_on_full_data"):
+            other = _shared.lookup(self, role)
+            if other is not None:
+                other._save_for_checkpoint(folder, epoch,
+                                           at_epoch_end=batch is None)

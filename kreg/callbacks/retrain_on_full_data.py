@@ -73,6 +73,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
     runs with a kreg ``BackupAndRestore`` in a subfolder). Keras's
     BackupAndRestore alone resumes phase 1 from its epoch but phase 2 then
     starts from the weights of the resumed ``fit`` (a warning says so).
+    With `kreg.callbacks.ModelCheckpoint` in phase 1, the state (initial
+    weights and optimizer values, phase-1 logs) is also written beside each
+    checkpoint file; ``resume_from=<file>`` in the ``fit`` of the model
+    loaded from that file (``initial_epoch=`` the file's epoch) takes it
+    from there, so phase 2 again starts from the initial weights. (Phase 2
+    itself is resumed by BackupAndRestore only.)
 
     Args:
         x: full input data: an array (or list/dict of arrays) or a
@@ -96,6 +102,11 @@ class RetrainOnFullData(keras.callbacks.Callback):
         backup_dir: folder where the state is kept for resuming an
             interrupted ``fit``. Defaults to `None`: the folder of a
             `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
+        resume_from: a checkpoint file written in phase 1 by
+            `kreg.callbacks.ModelCheckpoint`: the ``fit`` takes the initial
+            weights and the logs of the earlier epochs from beside it (a
+            backup in ``backup_dir``, newer, comes first). Defaults to
+            `None`.
 
     Example:
 
@@ -115,7 +126,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     def __init__(self, x, y=None, algorithm="restart", length="epochs",
                  batch_size=None, validation_data=None, max_epochs=100,
-                 callbacks=None, backup_dir=None, shuffle=True):
+                 callbacks=None, backup_dir=None, shuffle=True,
+                 resume_from=None):
         super().__init__()
         if x is None:
             raise ValueError(
@@ -151,6 +163,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self.callbacks = list(callbacks or [])
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
         self.shuffle = check_bool("shuffle", shuffle)
+        self.resume_from = check_optional_path("resume_from", resume_from)
         self.retrain_epochs = None
         self.retrain_history = None
 
@@ -165,24 +178,32 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self._plan = None
         self.retrain_epochs = None
         self.retrain_history = None
+        _shared.register(self, "retrain_on_full_data")
+        self._epoch_logged = None
+        self._checkpoint_folders = []
         self._folder = _shared.backup_folder(self, self.backup_dir)
-        saved = None
+        saved, source = None, self._folder
         if self._folder is not None:
             saved = _shared.load_state(self._folder, _STATE_NAME)
+        # Whether the initial values are already in the backup folder.
+        self._start_saved = saved is not None
+        if saved is None and self.resume_from is not None:
+            source = _shared.checkpoint_folder(self.resume_from)
+            saved = _shared.load_checkpoint_state(
+                self.resume_from, _STATE_NAME, "RetrainOnFullData")
+        self._start_restored = saved is not None
         if saved is None:
             self._phase1_logs = []
             self._start_values = self._values()  # the initial ones
-            self._start_saved = False
             return
         numbers, arrays = saved
         if len(arrays) != len(self._values()):
             raise ValueError(
-                f"The RetrainOnFullData state in {self._folder!r} holds "
+                f"The RetrainOnFullData state in {source!r} holds "
                 f"{len(arrays)} weights and optimizer variables but this "
                 f"model has {len(self._values())}."
             )
         self._start_values = arrays
-        self._start_saved = True
         self._phase1_logs = numbers["phase1_logs"]
         if numbers["phase"] == 2:
             # Phase 1 had ended: this fit runs no epoch of it (phase 2's
@@ -209,32 +230,47 @@ class RetrainOnFullData(keras.callbacks.Callback):
             return
         self._first_epoch = epoch
         if epoch > len(self._phase1_logs) or (epoch > 0 and not
-                                               self._start_saved):
+                                               self._start_restored):
             warnings.warn(
                 f"RetrainOnFullData: training resumes at epoch {epoch} but "
                 "the state of the interrupted run was not saved: phase 2 "
                 "will start from the weights this `fit` began with, not the "
                 "initial ones, and the logs of the earlier epochs are "
                 "missing. Use kreg.callbacks.BackupAndRestore (or pass "
-                "`backup_dir=`) to resume it.",
+                "`backup_dir=`, or `resume_from=` a file of kreg.callbacks."
+                "ModelCheckpoint) to resume it.",
                 stacklevel=2,
             )
         self._phase1_logs = _up_to(self._phase1_logs, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         self._phase1_logs.append(_numbers(logs))
+        self._epoch_logged = epoch
         if self._folder is not None:
-            self._save_state(phase=1, arrays=not self._start_saved)
+            self._save_state(self._folder, phase=1,
+                             arrays=not self._start_saved)
             self._start_saved = True
+        for folder in self._checkpoint_folders:
+            self._save_state(folder, phase=1, arrays=True)
+        self._checkpoint_folders = []
 
-    def _save_state(self, phase, arrays):
+    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
+        """`kreg.callbacks.ModelCheckpoint` saved a file at `epoch` of
+        phase 1: the state goes beside it, with this epoch's logs once they
+        are logged (the checkpoint may be listed before this callback)."""
+        if at_epoch_end and self._epoch_logged != epoch:
+            self._checkpoint_folders.append(folder)
+        else:
+            self._save_state(folder, phase=1, arrays=True)
+
+    def _save_state(self, folder, phase, arrays):
         numbers = {"phase": phase, "phase1_logs": self._phase1_logs,
                    "plan": self._plan, "num_arrays": len(self._start_values)}
         if arrays:
-            _shared.save_state(self._folder, _STATE_NAME, numbers,
+            _shared.save_state(folder, _STATE_NAME, numbers,
                                self._start_values)
         else:
-            _shared.save_json(self._folder, _STATE_NAME, numbers)
+            _shared.save_json(folder, _STATE_NAME, numbers)
 
     # Phase 2 ---------------------------------------------------------------
     def on_train_end(self, logs=None):
@@ -323,7 +359,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         created = False
         if self._folder is not None:
             created = not os.path.isdir(self._folder)
-            self._save_state(phase=2, arrays=True)
+            self._save_state(self._folder, phase=2, arrays=True)
             backup = os.path.join(self._folder, _PHASE2_FOLDER)
             if resuming:
                 _shared.write_folder(backup, self._phase2_files)
@@ -485,6 +521,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             "max_epochs": self.max_epochs,
             "backup_dir": self.backup_dir,
             "shuffle": self.shuffle,
+            "resume_from": self.resume_from,
         }
 
 

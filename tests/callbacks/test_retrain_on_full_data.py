@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kreg.callbacks import (EMA, BackupAndRestore, EarlyStopping,
-                            RetrainOnFullData)
+                            ModelCheckpoint, RetrainOnFullData)
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt, backup_pairing
 
@@ -48,11 +48,12 @@ class RetrainData:
                       loss="mse", jit_compile=jit and self.jit_compile_setting())
         return model
 
-    def fit(self, model, callbacks, validation=True, epochs=30):
+    def fit(self, model, callbacks, validation=True, epochs=30, **kwargs):
         return model.fit(
             self.x, self.y, batch_size=16, epochs=epochs, shuffle=False,
             verbose=0, callbacks=callbacks,
             validation_data=(self.xv, self.yv) if validation else None,
+            **kwargs,
         )
 
 
@@ -164,6 +165,12 @@ class RetrainTest(RetrainData, TestCase):
             RetrainOnFullData(self.x_full, self.y_full, shuffle="yes")
         with self.assertRaisesRegex(TypeError, "backup_dir=3"):
             RetrainOnFullData(self.x_full, self.y_full, backup_dir=3)
+        with self.assertRaisesRegex(TypeError, "resume_from=3"):
+            RetrainOnFullData(self.x_full, self.y_full, resume_from=3)
+        with self.assertRaisesRegex(ValueError, "resume_from="):
+            self.fit(self.model(), [EarlyStopping(), RetrainOnFullData(
+                self.x_full, self.y_full, resume_from="none.keras")],
+                epochs=2)
         # A pathlib path is a path.
         self.assertEqual(RetrainOnFullData(
             self.x_full, self.y_full, backup_dir=pathlib.Path("b")
@@ -268,6 +275,38 @@ class RetrainResumeTest(RetrainData, TestCase):
                     self.assertEqual(inner.batches,
                                      4 * (expected[2].retrain_epochs - 2))
                     self.assertFalse(os.path.exists(pairing.backup))
+
+    def test_phase_1_resumed_from_a_model_checkpoint_file(self):
+        expected = self.run_both()
+        cut = 2
+        self.assertGreater(expected[1].stopped_epoch, cut)
+
+        def callbacks(resume_from=None):
+            return (
+                EarlyStopping(patience=2, restore_best_weights=True,
+                              resume_from=resume_from),
+                RetrainOnFullData(self.x_full, self.y_full, batch_size=16,
+                                  shuffle=False, resume_from=resume_from),
+            )
+
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "e{epoch}.keras")
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                # The checkpoint listed first: the state beside the file
+                # is written once RetrainOnFullData has logged the epoch.
+                self.fit(self.model(), [ModelCheckpoint(pattern),
+                                        *callbacks(), Interrupt(cut)])
+            file = pattern.format(epoch=cut)  # after epoch cut - 1
+            model = keras.models.load_model(file)
+            stop, retrain = callbacks(resume_from=file)
+            history = self.fit(model, [stop, retrain], initial_epoch=cut)
+            self.assert_same_run((model, stop, retrain, history), expected)
+            self.assertEqual(history.epoch[:cut + 1], list(range(cut + 1)))
+            # Without the state, phase 2 would not start from the initial
+            # weights (and the earlier epochs' logs would be missing).
+            model = keras.models.load_model(file)
+            with self.assertWarnsRegex(UserWarning, "not the initial"):
+                self.fit(model, list(callbacks()), initial_epoch=cut)
 
     def test_phase_2_resume_refused_when_keras_backup_restores_phase_1(self):
         # Keras's BackupAndRestore in a folder of its own, listed after
