@@ -1,7 +1,8 @@
 """EMA under mixed_float16 (all backends), tf.distribute.MirroredStrategy
 (TensorFlow) and keras.distribution.DataParallel (JAX): the shadow is
 float32 and follows a NumPy recomputation of the weight trajectory recorded
-batch by batch."""
+batch by batch; with EarlyStopping(restore_best_weights=True) the weights
+left reproduce the best val_loss logged."""
 
 import unittest
 from unittest import mock
@@ -9,7 +10,7 @@ from unittest import mock
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA
+from kreg.callbacks import EMA, EarlyStopping
 from kreg.testing import TestCase
 from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
@@ -156,3 +157,39 @@ class EMAPrecisionAndDistributionTest(TestCase):
                 self.assertFalse(ema._updater._jax_pack_shadows())
         with mock.patch("jax.default_backend", return_value="gpu"):
             self.assertTrue(ema._updater._jax_pack_shadows())
+
+    def assert_early_stopping_keeps_best_averaged(self, model):
+        """EMA + EarlyStopping(restore_best_weights=True): the weights left
+        in the model reproduce the best logged val_loss."""
+        x, y = data()
+        stop = EarlyStopping(patience=2, restore_best_weights=True)
+        history = model.fit(x, y, batch_size=8, epochs=6, shuffle=False,
+                            verbose=0, callbacks=[EMA(decay=0.8), stop],
+                            validation_data=VALIDATION)
+        best = min(history.history["val_loss"])
+        self.assertEqual(history.history["val_loss"][stop.best_epoch], best)
+        self.assertAllClose(
+            model.evaluate(*VALIDATION, batch_size=8, verbose=0), best,
+            rtol=1e-5)
+        return stop
+
+    @unittest.skipUnless(keras.backend.backend() == "tensorflow",
+                         "tf.distribute is TensorFlow only")
+    def test_mirrored_strategy_with_early_stopping(self):
+        with mirrored_strategy().scope():
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+                          loss="mse")
+        stop = self.assert_early_stopping_keeps_best_averaged(model)
+        self.assertLess(stop.best_epoch, stop.stopped_epoch)
+
+    @unittest.skipUnless(keras.backend.backend() == "jax",
+                         "keras.distribution.DataParallel on JAX")
+    def test_jax_data_parallel_with_early_stopping(self):
+        with jax_data_parallel():
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+                          loss="mse")
+            stop = self.assert_early_stopping_keeps_best_averaged(model)
+        self.assertLess(stop.best_epoch, stop.stopped_epoch)
+
