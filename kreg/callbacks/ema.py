@@ -442,14 +442,7 @@ class EMA(keras.callbacks.Callback):
                     f"{num_shadow} averaged weights but this model has "
                     f"{len(self._shadows)}."
                 )
-        if pending is not None:
-            raw = arrays[num_shadow:]
-            for target, value in zip(self._targets, raw):
-                target.assign(value)
-            self.set_state(
-                {"steps": numbers_["steps"], "shadow": arrays[:num_shadow]}
-            )
-        else:
+        if pending is None:
             if epoch > 0:
                 warnings.warn(
                     f"EMA: training starts at epoch {epoch} (resumed?) but no "
@@ -458,10 +451,14 @@ class EMA(keras.callbacks.Callback):
                     "BackupAndRestore (or pass `backup_dir=`) to resume it.",
                     stacklevel=2,
                 )
-            initial = copies([t.value for t in self._targets])
-            for shadow, value in zip(self._shadows, initial):
-                shadow.assign(value)
-            self._count.assign(0)
+            self._updater.restart()  # s_0 = w_0, from the current step
+            return
+        raw = arrays[num_shadow:]
+        for target, value in zip(self._targets, raw):
+            target.assign(value)
+        self.set_state(
+            {"steps": numbers_["steps"], "shadow": arrays[:num_shadow]}
+        )
         # Only optimizer steps taken from here on are averaged (a restored
         # optimizer may have moved the iteration counter).
         self._last.assign(copy_value(self.model.optimizer.iterations.value))
