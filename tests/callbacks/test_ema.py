@@ -1,4 +1,3 @@
-import importlib
 import os
 import types
 import unittest
@@ -8,6 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import EMA, EarlyStopping
+from kreg.callbacks._ema_updater import Updater
 from kreg.testing import TestCase
 from tests.callbacks.helpers import (
     Interrupt,
@@ -72,6 +72,13 @@ class EMATest(TestCase):
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
                       loss="mse", jit_compile=jit and self.jit_compile_setting())
         return model
+
+    def patch_updater(self, name, **patch):
+        """Replaces ``Updater.<name>`` for this test: the code path of
+        another device, forced on the CPU."""
+        patcher = mock.patch.object(Updater, name, **patch)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def fit(self, model, callbacks, epochs=3, validation=True, **kwargs):
         return model.fit(
@@ -327,12 +334,7 @@ class EMAPackedShadowTest(EMAFusedStepTest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks._ema_updater")
-        patcher = mock.patch.object(
-            module.Updater, "_jax_pack_shadows", return_value=True
-        )
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.patch_updater("_jax_pack_shadows", return_value=True)
 
     def test_packed_in_fused_and_separate_updates(self):
         for jit in (True, False):
@@ -356,12 +358,7 @@ class EMATorchOnDeviceUpdateTest(EMATest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks._ema_updater")
-        patcher = mock.patch.object(
-            module.Updater, "_torch_counter_on_host", return_value=False
-        )
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.patch_updater("_torch_counter_on_host", return_value=False)
 
     def test_the_device_update_is_used(self):
         model = self.model()
@@ -379,7 +376,6 @@ class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
 
     def setUp(self):
         super().setUp()
-        module = importlib.import_module("kreg.callbacks._ema_updater")
         self.replays = 0
 
         def record(step):
@@ -388,13 +384,8 @@ class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
                 step()
             return types.SimpleNamespace(replay=replay)
 
-        for name, patch in (
-            ("_torch_cuda_graphs_available", dict(return_value=True)),
-            ("_torch_record", dict(side_effect=record)),
-        ):
-            patcher = mock.patch.object(module.Updater, name, **patch)
-            patcher.start()
-            self.addCleanup(patcher.stop)
+        self.patch_updater("_torch_cuda_graphs_available", return_value=True)
+        self.patch_updater("_torch_record", side_effect=record)
 
     def test_replayed_and_run_uncaptured_once_a_tensor_moves(self):
         import torch
