@@ -11,52 +11,72 @@ def copy_value(value):
     return keras.ops.copy(value)
 
 
-_JAX_COPIES = []
+_JAX_JITTED = {}
+
+
+def _jax_jitted(function, **jit_kwargs):
+    """`jax.jit(function)`, made once per process (the small helpers below
+    are traced once per set of shapes, not once per call site)."""
+    if function not in _JAX_JITTED:
+        import jax
+
+        _JAX_JITTED[function] = jax.jit(function, **jit_kwargs)
+    return _JAX_JITTED[function]
+
+
+def _copy_all(values):
+    import jax.numpy as jnp
+
+    return [jnp.copy(x) for x in values]
+
+
+def _flat(values, dtype=None):
+    """The values raveled (and cast to `dtype`) into one flat array."""
+    import jax.numpy as jnp
+
+    return jnp.concatenate(
+        [jnp.ravel(x).astype(dtype or x.dtype) for x in values]
+    )
 
 
 def copies(values):
-    """`_copy` of each value; on JAX one compiled call for all of them
+    """`copy_value` of each value; on JAX one compiled call for all of them
     (an eager copy per weight is one dispatch each, at every swap)."""
     if keras.backend.backend() != "jax":
         return [copy_value(v) for v in values]
-    if not _JAX_COPIES:
-        import jax
-        import jax.numpy as jnp
-
-        _JAX_COPIES.append(jax.jit(lambda xs: [jnp.copy(x) for x in xs]))
-    return _JAX_COPIES[0](list(values))
-
-
-_JAX_PACKING = {}
+    return _jax_jitted(_copy_all)(list(values))
 
 
 def _packed(values):
-    """The values raveled into one new flat array (JAX, one compiled call)."""
-    if "pack" not in _JAX_PACKING:
-        import jax
-        import jax.numpy as jnp
+    """The values raveled into one new flat array (JAX, one compiled call),
+    as the one-element list the update takes."""
+    return _jax_jitted(_pack)(list(values))
 
-        _JAX_PACKING["pack"] = jax.jit(
-            lambda xs: [jnp.concatenate([jnp.ravel(x) for x in xs])]
-        )
-    return _JAX_PACKING["pack"](list(values))
+
+def _pack(values):
+    return [_flat(values)]
 
 
 def _unpacked(packed, shapes):
     """Inverse of `_packed`: new arrays of the given shapes."""
-    if "unpack" not in _JAX_PACKING:
-        import jax
+    return _jax_jitted(_unpack, static_argnums=1)(packed, tuple(shapes))
 
-        def unpack(packed, shapes):
-            flat, pieces, offset = packed[0], [], 0
-            for shape in shapes:
-                size = int(np.prod(shape))
-                pieces.append(flat[offset:offset + size].reshape(shape))
-                offset += size
-            return pieces
 
-        _JAX_PACKING["unpack"] = jax.jit(unpack, static_argnums=1)
-    return _JAX_PACKING["unpack"](packed, tuple(shapes))
+def _unpack(packed, shapes):
+    flat, pieces, offset = packed[0], [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        pieces.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return pieces
+
+
+def _restart(weights, iteration, count, packed):
+    """s_0 = w_0 (packed or one copy per weight), count 0, last step."""
+    import jax.numpy as jnp
+
+    shadows = _pack(weights) if packed else _copy_all(weights)
+    return shadows, jnp.zeros_like(count), jnp.copy(iteration)
 
 
 def _ema_math(shadows, weights, count, last, iteration, config):
@@ -233,12 +253,7 @@ class Updater:
 
     def _jax_math(self, shadows, weights, count, last, iteration):
         if self._packed:
-            import jax.numpy as jnp
-
-            dtype = shadows[0].dtype
-            weights = [jnp.concatenate(
-                [jnp.ravel(w).astype(dtype) for w in weights]
-            )]
+            weights = [_flat(weights, shadows[0].dtype)]
         return _ema_math(shadows, weights, count, last, iteration,
                          self.config)
 
@@ -544,21 +559,7 @@ class Updater:
             self.count.assign(0)
             self.last.assign(copy_value(self.iterations.value))
             return
-        if "restart" not in _JAX_PACKING:
-            import jax
-            import jax.numpy as jnp
-
-            def restart(weights, iteration, count, packed):
-                if packed:
-                    shadows = [jnp.concatenate(
-                        [jnp.ravel(w) for w in weights])]
-                else:
-                    shadows = [jnp.copy(w) for w in weights]
-                return (shadows, jnp.zeros_like(count),
-                        jnp.copy(iteration))
-
-            _JAX_PACKING["restart"] = jax.jit(restart, static_argnums=3)
-        self._arrays = _JAX_PACKING["restart"](
+        self._arrays = _jax_jitted(_restart, static_argnums=3)(
             [t.value for t in self.targets], self.iterations.value,
             self.count.value, self._packed,
         )

@@ -20,11 +20,19 @@ def data(n, seed):
     return x, y
 
 
+def optimizer_values(model):
+    return [keras.ops.convert_to_numpy(v.value)
+            for v in model.optimizer.variables]
+
+
 class RecordStart(keras.callbacks.Callback):
+    """The weights and optimizer state a (phase-2) fit starts from."""
+
     def on_train_begin(self, logs=None):
         self.weights = self.model.get_weights()
         self.iterations = int(keras.ops.convert_to_numpy(
             self.model.optimizer.iterations.value))
+        self.optimizer = optimizer_values(self.model)
 
 
 class RetrainData:
@@ -48,6 +56,15 @@ class RetrainData:
                       loss="mse", jit_compile=jit and self.jit_compile_setting())
         return model
 
+    def assert_phase_2_from_initial(self, stop, retrain, start, initial):
+        """Phase 2 ran best_epoch + 1 epochs from the `initial` weights,
+        with a fresh optimizer (step counter 0)."""
+        self.assertGreater(stop.best_epoch, 0)
+        self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+        for a, b in zip(start.weights, initial):
+            self.assertAllEqual(a, b)
+        self.assertEqual(start.iterations, 0)
+
     def fit(self, model, callbacks, validation=True, epochs=30, **kwargs):
         return model.fit(
             self.x, self.y, batch_size=16, epochs=epochs, shuffle=False,
@@ -67,11 +84,7 @@ class RetrainTest(RetrainData, TestCase):
                                     callbacks=[start])
         # RetrainOnFullData listed first: order must not matter.
         history = self.fit(model, [retrain, stop])
-        self.assertGreater(stop.best_epoch, 0)
-        self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
-        for a, b in zip(start.weights, initial):
-            self.assertAllEqual(a, b)
-        self.assertEqual(start.iterations, 0)  # fresh optimizer state
+        self.assert_phase_2_from_initial(stop, retrain, start, initial)
         phase = history.history["phase"]
         phase1 = stop.stopped_epoch + 1
         self.assertEqual(phase, [1] * phase1 + [2] * (stop.best_epoch + 1))

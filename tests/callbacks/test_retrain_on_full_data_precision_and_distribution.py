@@ -12,18 +12,9 @@ from kreg.callbacks import EarlyStopping, RetrainOnFullData
 from kreg.testing import TestCase
 from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
-from tests.callbacks.test_retrain_on_full_data import RecordStart, RetrainData
-
-
-def optimizer_values(model):
-    return [keras.ops.convert_to_numpy(v.value)
-            for v in model.optimizer.variables]
-
-
-class RecordOptimizerStart(RecordStart):
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self.optimizer = optimizer_values(self.model)
+from tests.callbacks.test_retrain_on_full_data import (RecordStart,
+                                                       RetrainData,
+                                                       optimizer_values)
 
 
 class RetrainPrecisionAndDistributionTest(RetrainData, TestCase):
@@ -40,18 +31,14 @@ class RetrainPrecisionAndDistributionTest(RetrainData, TestCase):
     def assert_two_phases(self, model):
         initial = model.get_weights()
         initial_optimizer = optimizer_values(model)
-        start = RecordOptimizerStart()
+        start = RecordStart()
         stop = EarlyStopping(patience=2, restore_best_weights=True)
         retrain = RetrainOnFullData(self.x_full, self.y_full, batch_size=16,
                                     callbacks=[start])
         history = self.fit(model, [stop, retrain])
-        self.assertGreater(stop.best_epoch, 0)
-        self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+        self.assert_phase_2_from_initial(stop, retrain, start, initial)
         self.assertEqual(history.history["phase"].count(2),
                          stop.best_epoch + 1)
-        for a, b in zip(start.weights, initial):
-            self.assertAllEqual(a, b)
-        self.assertEqual(start.iterations, 0)
         self.assertFalse(np.any(np.isnan(history.history["loss"])))
         # Every optimizer variable (momentum, and with mixed precision the
         # loss scale and its counter) as before phase 1.
