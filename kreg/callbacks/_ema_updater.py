@@ -11,6 +11,14 @@ def copy_value(value):
     return keras.ops.copy(value)
 
 
+def _torch_tensor(variable):
+    """The torch tensor that stores a Keras variable. Keras's
+    `Variable.value` costs microseconds (autocast checks) per call; its
+    tensor is `_value`, which the update changes in place."""
+    tensor = getattr(variable, "_value", None)
+    return variable.value if tensor is None else tensor
+
+
 _JAX_JITTED = {}
 
 
@@ -169,6 +177,7 @@ class Updater:
             self._index = self._state_index()
             self.update = self._jax_update
         elif self.backend == "torch":
+            self._host = None  # (count, last) between flushes, on CPU
             if self._torch_counter_on_host():
                 self.update = self._torch_update
             else:
@@ -409,24 +418,29 @@ class Updater:
 
     # PyTorch ------------------------------------------------------------
     def _torch_update(self):
+        """The update with the step counter on the host (PyTorch on CPU):
+        one multi-tensor lerp per step. The step count and the last step
+        seen live in Python ints between flushes (two variable assignments
+        per step cost as much as the lerp of a small model)."""
         import torch
 
         decay, warmup, power, accumulation = self.config
-        iteration = int(self.iterations.value)
-        last = int(self.last.value)
+        iteration = int(_torch_tensor(self.iterations))
+        if self._host is None:
+            self._host = (int(self.count.value), int(self.last.value))
+        count, last = self._host
         if iteration == last or iteration % accumulation:
             return
-        count = int(self.count.value) + 1
+        count += 1
         d = min(decay, 1.0 - count ** (-power)) if warmup else decay
         with torch.no_grad():
             # s <- s + (1 - d) * (w - s), fused and in place.
             torch._foreach_lerp_(
-                [s.value for s in self.shadows],
-                [t.value for t in self.targets],
+                [_torch_tensor(s) for s in self.shadows],
+                [_torch_tensor(t) for t in self.targets],
                 1.0 - d,
             )
-        self.count.assign(count)
-        self.last.assign(iteration)
+        self._host = (count, iteration)
 
     def _torch_counter_on_host(self):
         return self.iterations.value.device.type == "cpu"
@@ -465,14 +479,9 @@ class Updater:
         )
 
     def _torch_addresses(self):
-        # Keras's `Variable.value` costs microseconds (autocast checks);
-        # its tensor is `_value` outside autocast scopes.
-        addresses = []
-        for v in self._torch_variables:
-            tensor = getattr(v, "_value", None)
-            tensor = v.value if tensor is None else tensor
-            addresses.append(tensor.data_ptr())
-        return tuple(addresses)
+        return tuple(
+            _torch_tensor(v).data_ptr() for v in self._torch_variables
+        )
 
     def _torch_capture(self):
         """Captures the update into a CUDA graph (once per fit at most)."""
@@ -552,6 +561,7 @@ class Updater:
         (the variables get them at the next `flush`) instead of a copy and
         an assignment per weight and two small transfers."""
         if self.backend != "jax":
+            self._host = None
             for shadow, value in zip(
                 self.shadows, copies([t.value for t in self.targets])
             ):
@@ -577,3 +587,8 @@ class Updater:
             self.count.assign(count)
             self.last.assign(last)
             self._arrays = None
+        if self.backend == "torch" and self._host is not None:
+            count, last = self._host
+            self.count.assign(count)
+            self.last.assign(last)
+            self._host = None
