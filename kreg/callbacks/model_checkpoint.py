@@ -20,8 +20,10 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     `EarlyStopping` (best value and epoch, wait counter, best weights;
     ``EarlyStopping(..., resume_from=<file>)``), written once it has counted
     the epoch, whatever the order of the callbacks, and kreg's
-    `RetrainOnFullData` in phase 1 (initial weights and optimizer values,
-    phase-1 logs; ``RetrainOnFullData(..., resume_from=<file>)``). The
+    `RetrainOnFullData` (in phase 1: initial weights and optimizer values,
+    phase-1 logs; passed to its ``callbacks=``, in phase 2: the plan, the
+    phase-2 epoch and both phases' logs; ``RetrainOnFullData(...,
+    resume_from=<file>)``). The
     folder is not deleted (the checkpoint is not either).
 
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,

@@ -77,8 +77,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
     weights and optimizer values, phase-1 logs) is also written beside each
     checkpoint file; ``resume_from=<file>`` in the ``fit`` of the model
     loaded from that file (``initial_epoch=`` the file's epoch) takes it
-    from there, so phase 2 again starts from the initial weights. (Phase 2
-    itself is resumed by BackupAndRestore only.)
+    from there, so phase 2 again starts from the initial weights. With a
+    `kreg.callbacks.ModelCheckpoint` in phase 2 (in ``callbacks=``), the
+    state beside each of its files (phase-1 logs, the plan, the phase-2
+    epoch and logs) lets the ``fit`` of the model loaded from such a file,
+    given ``resume_from=<file>``, skip phase 1 and go on with phase 2 at the
+    next epoch (an `EMA` of phase 2 resumes with its own ``resume_from``).
 
     Args:
         x: full input data: an array (or list/dict of arrays) or a
@@ -102,11 +106,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
         backup_dir: folder where the state is kept for resuming an
             interrupted ``fit``. Defaults to `None`: the folder of a
             `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
-        resume_from: a checkpoint file written in phase 1 by
-            `kreg.callbacks.ModelCheckpoint`: the ``fit`` takes the initial
-            weights and the logs of the earlier epochs from beside it (a
-            backup in ``backup_dir``, newer, comes first). Defaults to
-            `None`.
+        resume_from: a checkpoint file written by a
+            `kreg.callbacks.ModelCheckpoint`: of phase 1, the ``fit`` takes
+            the initial weights and the logs of the earlier epochs from
+            beside it; of phase 2, it goes on with phase 2 after the file's
+            epoch (a backup in ``backup_dir``, newer, comes first). Defaults
+            to `None`.
 
     Example:
 
@@ -176,6 +181,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self._phase1_history = self.model.history
         self._first_epoch = None
         self._plan = None
+        self._phase2_start = None  # {"epoch", "rows"}: phase-2 checkpoint
         self.retrain_epochs = None
         self.retrain_history = None
         _shared.register(self, "retrain_on_full_data")
@@ -197,21 +203,28 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._start_values = self._values()  # the initial ones
             return
         numbers, arrays = saved
-        if len(arrays) != len(self._values()):
+        self._phase1_logs = numbers["phase1_logs"]
+        self._phase2_start = numbers.get("phase2")
+        if self._phase2_start is not None and not arrays:
+            # A checkpoint file of phase 2: the model loaded from it holds
+            # the weights (and optimizer state) phase 2 goes on from.
+            self._start_values = self._values()
+        elif len(arrays) != len(self._values()):
             raise ValueError(
                 f"The RetrainOnFullData state in {source!r} holds "
                 f"{len(arrays)} weights and optimizer variables but this "
                 f"model has {len(self._values())}."
             )
-        self._start_values = arrays
-        self._phase1_logs = numbers["phase1_logs"]
+        else:
+            self._start_values = arrays
         if numbers["phase"] == 2:
             # Phase 1 had ended: this fit runs no epoch of it (phase 2's
             # backup is kept in memory: an earlier BackupAndRestore may
             # delete the whole folder when this fit ends).
             self._plan = numbers["plan"]
-            self._phase2_files = _shared.read_folder(
-                os.path.join(self._folder, _PHASE2_FOLDER))
+            self._phase2_files = {} if self._folder is None else (
+                _shared.read_folder(
+                    os.path.join(self._folder, _PHASE2_FOLDER)))
             # How Keras's BackupAndRestore resumes a fit at an epoch (a
             # private attribute Keras reads after on_train_begin).
             self.model._initial_epoch = self.params["epochs"]
@@ -263,9 +276,19 @@ class RetrainOnFullData(keras.callbacks.Callback):
         else:
             self._save_state(folder, phase=1, arrays=True)
 
+    def _save_phase2_checkpoint_state(self, folder, epoch, rows):
+        """Beside a checkpoint file of phase 2: the plan, both phases' logs
+        and the phase-2 epoch a resumed `fit` starts at (no arrays: the
+        file holds the weights phase 2 goes on from)."""
+        numbers = {"phase": 2, "phase1_logs": self._phase1_logs,
+                   "plan": self._plan,
+                   "phase2": {"epoch": epoch, "rows": rows}}
+        _shared.save_state(folder, _STATE_NAME, numbers, [])
+
     def _save_state(self, folder, phase, arrays):
         numbers = {"phase": phase, "phase1_logs": self._phase1_logs,
-                   "plan": self._plan, "num_arrays": len(self._start_values)}
+                   "plan": self._plan, "phase2": self._phase2_start,
+                   "num_arrays": len(self._start_values)}
         if arrays:
             _shared.save_state(folder, _STATE_NAME, numbers,
                                self._start_values)
@@ -371,7 +394,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 for name in _PHASE1_STATES:
                     _shared.delete_state(self._folder, name)
         self._set_values(self._start_values)
-        if verbose and resuming:
+        start = self._phase2_start or {"epoch": 0, "rows": []}
+        if verbose and self._phase2_start is not None:
+            print(f"Phase 2: resuming on the full data at epoch "
+                  f"{start['epoch'] + 1} of {plan['epochs']}, from a "
+                  "checkpoint")
+        elif verbose and resuming:
             print("Phase 2: resuming on the full data after the last epoch "
                   "its backup holds")
         elif verbose:
@@ -386,14 +414,16 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if plan["target"] is not None:
             callbacks.append(_StopBelow(plan["target"],
                                         self._validation_loss))
-        recorder = _Phase2Logs(backup)
+        recorder = _Phase2Logs(self, backup, start["rows"])
         callbacks.append(recorder)
         if backup is not None:
             callbacks.append(BackupAndRestore(backup))
         # A resumed phase 1 left its start epoch on the model (Keras).
         _shared.forget_resumed_epoch(self.model)
-        history = self._fit(plan["epochs"], verbose, callbacks)
+        history = self._fit(plan["epochs"], verbose, callbacks,
+                            initial_epoch=start["epoch"])
         _shared.forget_resumed_epoch(self.model)
+        _shared.register(self, "retrain_on_full_data")
         rows = _logged(recorder.rows[:recorder.first_epoch]) + _rows(history)
         self.retrain_history = keras.callbacks.History()
         self.retrain_history.epoch = [epoch for epoch, _ in rows]
@@ -421,8 +451,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
                                        values[count:]):
                 variable.assign(value)
 
-    def _fit(self, epochs, verbose, callbacks):
-        kwargs = dict(epochs=epochs, verbose=verbose, callbacks=callbacks)
+    def _fit(self, epochs, verbose, callbacks, initial_epoch=0):
+        kwargs = dict(epochs=epochs, verbose=verbose, callbacks=callbacks,
+                      initial_epoch=initial_epoch)
         if _is_dataset(self.x):
             return self.model.fit(self.x, **kwargs)
         if self.batch_size is None:
@@ -543,20 +574,47 @@ class _StopBelow(keras.callbacks.Callback):
 
 class _Phase2Logs(keras.callbacks.Callback):
     """Keeps phase 2's epoch logs, saved in `folder` (if any) so that a
-    resumed phase 2 still reports the epochs run before the interruption."""
+    resumed phase 2 still reports the epochs run before the interruption.
 
-    def __init__(self, folder):
+    Stands for `owner` in phase 2's ``fit``: a `kreg.callbacks.ModelCheckpoint`
+    there writes the phase-2 state beside each file (`_save_for_checkpoint`),
+    once this epoch is logged."""
+
+    def __init__(self, owner, folder, rows=()):
         super().__init__()
+        self.owner = owner
         self.folder = folder
+        self.initial_rows = list(rows)  # from a phase-2 checkpoint
         self.rows = []
         self.first_epoch = None
+        self._checkpoint_folders = []
 
     def on_train_begin(self, logs=None):
+        _shared.register(self, "retrain_on_full_data")
         saved = None
         if self.folder is not None:
             saved = _shared.load_json(self.folder, _PHASE2_LOGS)
-        self.rows = [] if saved is None else saved["rows"]
+        self.rows = (list(self.initial_rows) if saved is None
+                     else saved["rows"])
         self.first_epoch = None
+        self._checkpoint_folders = []
+
+    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
+        if not at_epoch_end:  # mid-epoch: a resumed fit runs it again
+            self.owner._save_phase2_checkpoint_state(folder, epoch,
+                                                     self.rows[:epoch])
+        elif len(self.rows) > epoch:  # this epoch already logged
+            self.owner._save_phase2_checkpoint_state(
+                folder, self._resume_at(epoch), self.rows[:epoch + 1])
+        else:
+            self._checkpoint_folders.append(folder)
+
+    def _resume_at(self, epoch):
+        # Phase 2 stopped after `epoch` (algorithm 7.3's condition, or a
+        # callback): a fit resumed from its checkpoint runs no more epochs.
+        if self.model.stop_training:
+            return self.owner._plan["epochs"]
+        return epoch + 1
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
@@ -567,6 +625,10 @@ class _Phase2Logs(keras.callbacks.Callback):
         self.rows.append(_numbers(logs))
         if self.folder is not None:
             _shared.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
+        for folder in self._checkpoint_folders:
+            self.owner._save_phase2_checkpoint_state(
+                folder, self._resume_at(epoch), self.rows)
+        self._checkpoint_folders = []
 
 
 def _numbers(logs):

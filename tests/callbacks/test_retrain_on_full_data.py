@@ -221,8 +221,8 @@ class RetrainResumeTest(RetrainData, TestCase):
     resumed does not train phase 1 again."""
 
     def run_both(self, outer=(), inner=(), algorithm="restart",
-                 backup_dir=None, epochs=30):
-        model = self.model()
+                 backup_dir=None, epochs=30, model=None, resume_from=None):
+        model = model or self.model()
         stop = EarlyStopping(patience=2, restore_best_weights=True,
                              backup_dir=backup_dir)
         # "continue" with a validation part whose loss stays above the best
@@ -232,7 +232,7 @@ class RetrainResumeTest(RetrainData, TestCase):
         retrain = RetrainOnFullData(
             self.x_full, self.y_full, batch_size=16, algorithm=algorithm,
             callbacks=list(inner), backup_dir=backup_dir, shuffle=False,
-            **kwargs)
+            resume_from=resume_from, **kwargs)
         history = self.fit(model, [stop, retrain, *outer], epochs=epochs)
         return model, stop, retrain, history
 
@@ -321,6 +321,40 @@ class RetrainResumeTest(RetrainData, TestCase):
             with self.assertWarnsRegex(UserWarning, "not the initial"):
                 self.fit(model, list(callbacks()), initial_epoch=cut)
 
+    def test_phase_2_resumed_from_a_model_checkpoint_file(self):
+        for algorithm in ("restart", "continue"):
+            expected = self.run_both(algorithm=algorithm)
+            cut = 2
+            self.assertGreater(expected[2].retrain_epochs, cut)
+            with self.subTest(algorithm=algorithm), \
+                    tempfile.TemporaryDirectory() as folder:
+                pattern = os.path.join(folder, "phase2-{epoch}.keras")
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    # A checkpoint in phase 2 (listed before RetrainOnFull-
+                    # Data's own phase-2 callbacks) writes its state.
+                    self.run_both(inner=[ModelCheckpoint(pattern),
+                                         Interrupt(cut)], algorithm=algorithm)
+                file = pattern.format(epoch=cut)  # after phase-2 epoch cut-1
+                outer, inner = CountBatches(), CountBatches()
+                got = self.run_both(
+                    [outer], [inner, ModelCheckpoint(pattern)],
+                    algorithm=algorithm, resume_from=file,
+                    model=keras.models.load_model(file))
+                self.assert_same_run(got, expected)
+                self.assertEqual(outer.batches, 0)  # no phase 1 again
+                # 4 batches of 16 per full-data epoch, from epoch `cut` on.
+                self.assertEqual(inner.batches,
+                                 4 * (expected[2].retrain_epochs - cut))
+                # The resumed fit's checkpoints carry the state on: from
+                # the last one, no epoch is left to run.
+                last = pattern.format(epoch=expected[2].retrain_epochs)
+                inner = CountBatches()
+                got = self.run_both(
+                    inner=[inner], algorithm=algorithm, resume_from=last,
+                    model=keras.models.load_model(last))
+                self.assert_same_run(got, expected)
+                self.assertEqual(inner.batches, 0)
+
     def test_phase_2_resume_refused_when_keras_backup_restores_phase_1(self):
         # Keras's BackupAndRestore in a folder of its own, listed after
         # RetrainOnFullData: its phase-1 backup outlives phase 1 and would
@@ -389,3 +423,37 @@ class RetrainResumeTest(RetrainData, TestCase):
                 for w, s in zip(model.trainable_variables,
                                 inner.shadow_variables):
                     self.assertAllClose(w, s, atol=1e-6)
+
+    def test_phase_2_resumed_from_a_checkpoint_with_an_ema(self):
+        # The EMA of phase 2 resumes its average from beside the same file
+        # (the file holds the averaged weights; the raw ones come back).
+        def run(inner, resume_from=None, model=None):
+            model = model or self.model(jit=True)
+            retrain = RetrainOnFullData(
+                self.x_full, self.y_full, batch_size=16, shuffle=False,
+                callbacks=inner, resume_from=resume_from)
+            stop = EarlyStopping(patience=2, restore_best_weights=True)
+            self.fit(model, [EMA(decay=0.8), stop, retrain])
+            return model, retrain
+
+        ema0 = EMA(decay=0.8)
+        model0, retrain0 = run([ema0])
+        cut = 2
+        self.assertGreater(retrain0.retrain_epochs, cut)
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "phase2-{epoch}.keras")
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                run([EMA(decay=0.8), ModelCheckpoint(pattern),
+                     Interrupt(cut)])
+            file = pattern.format(epoch=cut)
+            ema = EMA(decay=0.8, resume_from=file)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="EMA:")
+                model, retrain = run([ema], resume_from=file,
+                                     model=keras.models.load_model(file))
+        self.assertEqual(retrain.retrain_epochs, retrain0.retrain_epochs)
+        self.assertEqual(ema.steps, ema0.steps)
+        for a, b in zip(model.get_weights(), model0.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+        for a, b in zip(ema.shadow_variables, ema0.shadow_variables):
+            self.assertAllClose(a, b, atol=1e-6)
