@@ -424,6 +424,31 @@ class RetrainResumeTest(RetrainData, TestCase):
                                 inner.shadow_variables):
                     self.assertAllClose(w, s, atol=1e-6)
 
+    def test_phase_2_resumed_from_a_mid_epoch_checkpoint(self):
+        # A checkpoint saved every 3 batches: the resumed fit runs the
+        # epoch the file was saved in again, from the file's weights.
+        expected = self.run_both()
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "phase2-{epoch}-{batch}.keras")
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.run_both(inner=[ModelCheckpoint(pattern, save_freq=3),
+                                     Interrupt(2)])
+            # Phase-2 batches 3 and 6 of 4 per epoch: epoch 1, batch 2.
+            file = pattern.format(epoch=2, batch=2)
+            inner = CountBatches()
+            _, stop, retrain, history = self.run_both(
+                inner=[inner], resume_from=file,
+                model=keras.models.load_model(file))
+        self.assertEqual(retrain.retrain_epochs, expected[2].retrain_epochs)
+        self.assertEqual(inner.batches, 4 * (retrain.retrain_epochs - 1))
+        self.assertEqual(history.history["phase"],
+                         expected[3].history["phase"])
+        # Phase 2's epoch 0 was logged before the file, epoch 1 again now.
+        phase2 = history.history["phase"].index(2)
+        self.assertAllClose(history.history["loss"][:phase2 + 1],
+                            expected[3].history["loss"][:phase2 + 1],
+                            rtol=1e-5)
+
     def test_phase_2_resumed_from_a_checkpoint_with_an_ema(self):
         # The EMA of phase 2 resumes its average from beside the same file
         # (the file holds the averaged weights; the raw ones come back).
