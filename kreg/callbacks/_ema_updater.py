@@ -308,7 +308,6 @@ class Updater:
         if (
             original is None or model.run_eagerly
             or getattr(model, "history", None) is None
-            or model.steps_per_execution != 1
         ):
             return
         if self.backend == "jax":
@@ -331,6 +330,12 @@ class Updater:
 
         model.train_function = train_function
         self._fused = (model, original, train_function)
+
+    @property
+    def fused(self):
+        """Whether the update runs inside the model's train step (after
+        `attach`, during a fit)."""
+        return self._fused is not None
 
     def detach(self):
         """Gives the model its own train function back."""
@@ -385,11 +390,19 @@ class Updater:
         )
 
         def fused(state, iterator):
+            # As Keras's JAX loop: `steps_per_execution` steps per call
+            # (fewer at the end of the data), the EMA after each.
             if self._arrays is None:
                 self._arrays = self._jax_arrays()
             logs, state, self._arrays = jitted(
                 state, self._arrays, next(iterator)
             )
+            for _ in range(model.steps_per_execution - 1):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    break
+                logs, state, self._arrays = jitted(state, self._arrays, data)
             return logs, state
 
         return fused

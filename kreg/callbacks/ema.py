@@ -27,10 +27,14 @@ class EMA(keras.callbacks.Callback):
     ``d_t = min(decay, 1 - t ** (-warmup_power))``, which starts at 0 and
     lets the shadow follow the first, fast-changing weights.
 
-    The update is one compiled call per step on the shadow variables
-    (``tf.function`` compiled with XLA on TensorFlow, ``jax.jit`` with buffer
-    donation on JAX, fused in-place ``lerp`` on PyTorch), never a copy
-    through NumPy.
+    The update runs inside the compiled train step on TensorFlow and on JAX
+    (``jit_compile``), where XLA fuses it with the optimizer's pass over the
+    weights; else (under a distribution, PyTorch) one compiled call per step
+    (an XLA-compiled ``tf.function``, ``jax.jit`` with buffer donation, an
+    in-place multi-tensor ``lerp`` or a CUDA-graph replay on PyTorch), never
+    a copy through NumPy. With ``steps_per_execution > 1`` in
+    ``model.compile`` every step of a compiled call is averaged; that needs
+    the update inside the train step (a `ValueError` says so otherwise).
 
     - Validation inside ``fit`` runs with the averaged weights
       (``validate_with_averaged=True``), so ``val_*`` logs describe the model
@@ -294,13 +298,6 @@ class EMA(keras.callbacks.Callback):
 
     # Callback hooks --------------------------------------------------------
     def on_train_begin(self, logs=None):
-        steps_per_execution = getattr(self.model, "steps_per_execution", 1)
-        if steps_per_execution and steps_per_execution > 1:
-            raise ValueError(
-                "EMA updates the average once per optimizer step and needs "
-                "`steps_per_execution=1` in `model.compile`. Received: "
-                f"steps_per_execution={steps_per_execution}"
-            )
         _shared.register(self, "ema")
         if self._in_fit and self._averaged_in_model:
             # The previous fit was interrupted (an exception) while the
@@ -315,6 +312,7 @@ class EMA(keras.callbacks.Callback):
             self._updater.detach()
         self._build()
         self._updater.attach()
+        self._check_steps_per_execution()
         self._pending = None
         self._step_pending = False
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
@@ -513,6 +511,23 @@ class EMA(keras.callbacks.Callback):
         if self._updater is not None and self._in_fit:
             self._updater.flush(fold_in=self._step_pending)
             self._step_pending = False
+
+    def _check_steps_per_execution(self):
+        steps = getattr(self.model, "steps_per_execution", 1) or 1
+        if steps == 1 or self._updater.fused:
+            return
+        # Callbacks see one batch per `steps_per_execution` steps: only an
+        # update inside the compiled step sees every optimizer step.
+        self._updater.detach()
+        self._in_fit = False
+        raise ValueError(
+            "EMA with `steps_per_execution` > 1 updates the average inside "
+            "the compiled train step, which needs TensorFlow, or JAX with "
+            "`jit_compile=True`, and no distribution (a tf.distribute "
+            "strategy or keras.distribution) nor `run_eagerly`. Here, "
+            "compile with steps_per_execution=1. Received: "
+            f"steps_per_execution={steps}"
+        )
 
     def _check_started(self):
         if self._shadows is None:

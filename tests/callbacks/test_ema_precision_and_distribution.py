@@ -138,6 +138,22 @@ class EMAPrecisionAndDistributionTest(TestCase):
                 model.evaluate(*VALIDATION, batch_size=8, verbose=0),
                 history.history["val_loss"][-1], rtol=1e-5)
 
+    @unittest.skipUnless(keras.backend.backend() == "tensorflow",
+                         "tf.distribute is TensorFlow only")
+    def test_mirrored_strategy_needs_one_step_per_execution(self):
+        # Under a strategy the update runs once per batch the callbacks
+        # see: with several steps per call it would miss steps; an error
+        # instead, and the model's train function is left alone.
+        with mirrored_strategy().scope():
+            model = small_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                          steps_per_execution=2)
+        x, y = data()
+        with self.assertRaisesRegex(ValueError, "steps_per_execution=2"):
+            model.fit(x, y, batch_size=8, verbose=0, callbacks=[EMA()])
+        model.fit(x, y, batch_size=8, verbose=0)
+        self.assertEqual(int(self.to_numpy(model.optimizer.iterations)), 6)
+
     @unittest.skipUnless(keras.backend.backend() == "jax",
                          "keras.distribution.DataParallel on JAX")
     def test_jax_data_parallel(self):
