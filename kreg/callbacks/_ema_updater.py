@@ -487,8 +487,10 @@ class Updater:
 
     def _torch_tensors(self):
         return (
-            [s.value for s in self.shadows], [t.value for t in self.targets],
-            self.iterations.value, self.last.value, self.count.value,
+            [_torch_tensor(s) for s in self.shadows],
+            [_torch_tensor(t) for t in self.targets],
+            _torch_tensor(self.iterations), _torch_tensor(self.last),
+            _torch_tensor(self.count),
         )
 
     def _torch_addresses(self):
