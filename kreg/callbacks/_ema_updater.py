@@ -79,6 +79,31 @@ def _unpack(packed, shapes):
     return pieces
 
 
+def fusable(model):
+    """Whether `Updater.attach` can put the update into `model`'s compiled
+    train step: TensorFlow, or JAX with `jit_compile` (not NNX), without a
+    distribution (`tf.distribute`, `keras.distribution`) or `run_eagerly`."""
+    if model.run_eagerly:
+        return False
+    backend = keras.backend.backend()
+    if backend == "jax":
+        try:
+            nnx = keras.config.is_nnx_enabled()
+        except AttributeError:
+            nnx = False
+        return (bool(model.jit_compile) and not nnx
+                and keras.distribution.distribution() is None)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return (
+            not tf.distribute.has_strategy()
+            and getattr(model, "_distribute_strategy", None) is None
+            and hasattr(model, "_make_function")
+        )
+    return False
+
+
 def _restart(weights, iteration, count, packed):
     """s_0 = w_0 (packed or one copy per weight), count 0, last step."""
     import jax.numpy as jnp
@@ -357,15 +382,9 @@ class Updater:
 
     def _jax_fused_function(self, original):
         model = self.model
-        try:
-            nnx = keras.config.is_nnx_enabled()
-        except AttributeError:
-            nnx = False
         targets_index, iterations_index = self._index
         if (
-            not model.jit_compile or nnx
-            or keras.distribution.distribution() is not None
-            or iterations_index is None
+            not fusable(model) or iterations_index is None
             or iterations_index[0] != "optimizer_variables"
         ):
             return None
@@ -408,14 +427,8 @@ class Updater:
         return fused
 
     def _tf_fused_function(self, original):
-        import tensorflow as tf
-
         model = self.model
-        if (
-            tf.distribute.has_strategy()
-            or getattr(model, "_distribute_strategy", None) is not None
-            or not hasattr(model, "_make_function")
-        ):
+        if not fusable(model):
             return None
         train_step = model.train_step
         update = self._tf_update_body

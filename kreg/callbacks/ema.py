@@ -7,7 +7,8 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.callbacks._ema_updater import Updater, copies, copy_value
+from kreg.callbacks._ema_updater import (Updater, copies, copy_value,
+                                         fusable)
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
@@ -299,6 +300,8 @@ class EMA(keras.callbacks.Callback):
     # Callback hooks --------------------------------------------------------
     def on_train_begin(self, logs=None):
         _shared.register(self, "ema")
+        # Before anything changes: a refused fit leaves the EMA as it was.
+        self._check_steps_per_execution(fusable(self.model))
         if self._in_fit and self._averaged_in_model:
             # The previous fit was interrupted (an exception) while the
             # averaged weights were in: put its raw weights back first.
@@ -312,7 +315,7 @@ class EMA(keras.callbacks.Callback):
             self._updater.detach()
         self._build()
         self._updater.attach()
-        self._check_steps_per_execution()
+        self._check_steps_per_execution(self._updater.fused)
         self._pending = None
         self._step_pending = False
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
@@ -512,14 +515,14 @@ class EMA(keras.callbacks.Callback):
             self._updater.flush(fold_in=self._step_pending)
             self._step_pending = False
 
-    def _check_steps_per_execution(self):
+    def _check_steps_per_execution(self, fused):
         steps = getattr(self.model, "steps_per_execution", 1) or 1
-        if steps == 1 or self._updater.fused:
+        if steps == 1 or fused:
             return
         # Callbacks see one batch per `steps_per_execution` steps: only an
         # update inside the compiled step sees every optimizer step.
-        self._updater.detach()
-        self._in_fit = False
+        if self._updater is not None:
+            self._updater.detach()
         raise ValueError(
             "EMA with `steps_per_execution` > 1 updates the average inside "
             "the compiled train step, which needs TensorFlow, or JAX with "

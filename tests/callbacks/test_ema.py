@@ -135,6 +135,33 @@ class EMATest(TestCase):
         self.assertAllClose(history3.history["val_loss"],
                             history1.history["val_loss"], rtol=1e-5)
 
+    def test_refused_steps_per_execution_leaves_the_average_alone(self):
+        if keras.backend.backend() == "torch":
+            self.skipTest("Keras's PyTorch trainer runs one step per call")
+        refused = dict(run_eagerly=True, steps_per_execution=2)
+        # After a finished fit: the averaged weights in, the raw ones kept.
+        model = self.model()
+        ema = EMA(decay=0.8)
+        self.fit(model, [ema], validation=False)
+        raw, averaged = ema.raw_model_weights(), model.get_weights()
+        model.compile(optimizer=model.optimizer, loss="mse", **refused)
+        with self.assertRaisesRegex(ValueError, "steps_per_execution=2"):
+            self.fit(model, [ema])
+        for a, b in zip(model.get_weights(), averaged):
+            self.assertAllEqual(a, b)
+        with ema.raw_weights():
+            for a, b in zip(model.get_weights(), raw):
+                self.assertAllEqual(a, b)
+        # After an interrupted fit: its steps are still averaged.
+        model = self.model(jit=True)
+        ema = EMA(decay=0.8)
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            self.fit(model, [ema, InterruptBatch(5)], validation=False)
+        model.compile(optimizer=model.optimizer, loss="mse", **refused)
+        with self.assertRaisesRegex(ValueError, "steps_per_execution=2"):
+            self.fit(model, [ema])
+        self.assertEqual(ema.steps, 5)
+
     def test_steps_of_a_later_phase_before_train_end_not_averaged(self):
         # A callback listed before the EMA trains on in its on_train_end
         # (as RetrainOnFullData does): those optimizer steps come after
