@@ -7,7 +7,8 @@
   ``CallbackList`` hands one dict to every callback), which tells apart the
   callbacks of the running ``fit`` from stale ones of an earlier call.
 - Saving and loading a callback's state (JSON numbers plus NumPy arrays) in a
-  backup folder, atomically enough for an interruption between epochs.
+  backup folder, atomically enough for an interruption between epochs, and
+  beside checkpoint files (`CheckpointWrites`).
 - Working around Keras's resumed epoch that outlives the resumed ``fit``.
 """
 
@@ -70,6 +71,34 @@ def load_checkpoint_state(filepath, name, owner):
             f"resume_from={filepath!r}"
         )
     return loaded
+
+
+class CheckpointWrites:
+    """Writes a callback's state beside each file `kreg.callbacks.
+    ModelCheckpoint` saves (it calls `request`). A file saved at the end of
+    an epoch the callback has not finished yet (the checkpoint is listed
+    before it) gets the state once the callback has (`epoch_finished`).
+
+    ``write(folder, epoch, at_epoch_end)`` writes the state for a file
+    saved at `epoch`, at its end or in its middle. One per ``fit``.
+    """
+
+    def __init__(self, write):
+        self.write = write
+        self.finished_epoch = None
+        self.waiting = []
+
+    def request(self, folder, epoch, at_epoch_end):
+        if at_epoch_end and self.finished_epoch != epoch:
+            self.waiting.append(folder)
+        else:
+            self.write(folder, epoch, at_epoch_end)
+
+    def epoch_finished(self, epoch):
+        self.finished_epoch = epoch
+        for folder in self.waiting:
+            self.write(folder, epoch, True)
+        self.waiting = []
 
 
 def save_state(folder, name, numbers, arrays):

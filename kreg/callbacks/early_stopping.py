@@ -196,21 +196,13 @@ class EarlyStopping(keras.callbacks.Callback):
         self.set_state(numbers_)
         return True
 
-    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
-        """`kreg.callbacks.ModelCheckpoint` saved a file at `epoch`: the
-        state goes beside it once this epoch's value has been counted (the
-        checkpoint may be listed before this callback)."""
-        if at_epoch_end and self._epoch_counted != epoch:
-            self._checkpoint_folders.append(folder)
-        else:
-            self._save_state(folder)
-
     # Callback hooks ------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._reset()
         self._finished = False
-        self._epoch_counted = None
-        self._checkpoint_folders = []
+        # Beside kreg's ModelCheckpoint files, once the epoch is counted.
+        self._checkpoint_writes = _shared.CheckpointWrites(
+            lambda folder, epoch, at_epoch_end: self._save_state(folder))
         _shared.register(self, "early_stopping")
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
         loaded = False
@@ -225,12 +217,9 @@ class EarlyStopping(keras.callbacks.Callback):
         current = self._monitor_value(logs)
         if current is not None and epoch >= self.start_from_epoch:
             self._update(epoch, current)
-        self._epoch_counted = epoch
         if self._backup_folder is not None:
             self._save_state(self._backup_folder)
-        for folder in self._checkpoint_folders:
-            self._save_state(folder)
-        self._checkpoint_folders = []
+        self._checkpoint_writes.epoch_finished(epoch)
 
     def on_train_end(self, logs=None):
         if not self._finished:

@@ -59,5 +59,5 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         for role in ("early_stopping", "retrain_on_full_data"):
             other = _shared.lookup(self, role)
             if other is not None:
-                other._save_for_checkpoint(folder, epoch,
-                                           at_epoch_end=batch is None)
+                other._checkpoint_writes.request(folder, epoch,
+                                                 at_epoch_end=batch is None)

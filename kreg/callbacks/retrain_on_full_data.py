@@ -185,8 +185,11 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self.retrain_epochs = None
         self.retrain_history = None
         _shared.register(self, "retrain_on_full_data")
-        self._epoch_logged = None
-        self._checkpoint_folders = []
+        # Beside kreg's ModelCheckpoint files of phase 1, with the epoch's
+        # logs once they are logged.
+        self._checkpoint_writes = _shared.CheckpointWrites(
+            lambda folder, epoch, at_epoch_end: self._save_state(
+                folder, phase=1, arrays=True))
         self._folder = _shared.backup_folder(self, self.backup_dir)
         saved, source = None, self._folder
         if self._folder is not None:
@@ -258,23 +261,11 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._phase1_logs.append(_numbers(logs))
-        self._epoch_logged = epoch
         if self._folder is not None:
             self._save_state(self._folder, phase=1,
                              arrays=not self._start_saved)
             self._start_saved = True
-        for folder in self._checkpoint_folders:
-            self._save_state(folder, phase=1, arrays=True)
-        self._checkpoint_folders = []
-
-    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
-        """`kreg.callbacks.ModelCheckpoint` saved a file at `epoch` of
-        phase 1: the state goes beside it, with this epoch's logs once they
-        are logged (the checkpoint may be listed before this callback)."""
-        if at_epoch_end and self._epoch_logged != epoch:
-            self._checkpoint_folders.append(folder)
-        else:
-            self._save_state(folder, phase=1, arrays=True)
+        self._checkpoint_writes.epoch_finished(epoch)
 
     def _save_phase2_checkpoint_state(self, folder, epoch, rows):
         """Beside a checkpoint file of phase 2: the plan, both phases' logs
@@ -577,8 +568,8 @@ class _Phase2Logs(keras.callbacks.Callback):
     resumed phase 2 still reports the epochs run before the interruption.
 
     Stands for `owner` in phase 2's ``fit``: a `kreg.callbacks.ModelCheckpoint`
-    there writes the phase-2 state beside each file (`_save_for_checkpoint`),
-    once this epoch is logged."""
+    there writes the phase-2 state beside each file, once this epoch is
+    logged."""
 
     def __init__(self, owner, folder, rows=()):
         super().__init__()
@@ -587,7 +578,6 @@ class _Phase2Logs(keras.callbacks.Callback):
         self.initial_rows = list(rows)  # from a phase-2 checkpoint
         self.rows = []
         self.first_epoch = None
-        self._checkpoint_folders = []
 
     def on_train_begin(self, logs=None):
         _shared.register(self, "retrain_on_full_data")
@@ -597,24 +587,19 @@ class _Phase2Logs(keras.callbacks.Callback):
         self.rows = (list(self.initial_rows) if saved is None
                      else saved["rows"])
         self.first_epoch = None
-        self._checkpoint_folders = []
+        self._checkpoint_writes = _shared.CheckpointWrites(self._write)
 
-    def _save_for_checkpoint(self, folder, epoch, at_epoch_end):
+    def _write(self, folder, epoch, at_epoch_end):
         if not at_epoch_end:  # mid-epoch: a resumed fit runs it again
-            self.owner._save_phase2_checkpoint_state(folder, epoch,
-                                                     self.rows[:epoch])
-        elif len(self.rows) > epoch:  # this epoch already logged
-            self.owner._save_phase2_checkpoint_state(
-                folder, self._resume_at(epoch), self.rows[:epoch + 1])
+            resume_at = epoch
+        elif self.model.stop_training:
+            # Phase 2 stopped here (algorithm 7.3's condition, or a
+            # callback): a fit resumed from this file runs no more epochs.
+            resume_at = self.owner._plan["epochs"]
         else:
-            self._checkpoint_folders.append(folder)
-
-    def _resume_at(self, epoch):
-        # Phase 2 stopped after `epoch` (algorithm 7.3's condition, or a
-        # callback): a fit resumed from its checkpoint runs no more epochs.
-        if self.model.stop_training:
-            return self.owner._plan["epochs"]
-        return epoch + 1
+            resume_at = epoch + 1
+        self.owner._save_phase2_checkpoint_state(folder, resume_at,
+                                                 self.rows[:resume_at])
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
@@ -625,10 +610,7 @@ class _Phase2Logs(keras.callbacks.Callback):
         self.rows.append(_numbers(logs))
         if self.folder is not None:
             _shared.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
-        for folder in self._checkpoint_folders:
-            self.owner._save_phase2_checkpoint_state(
-                folder, self._resume_at(epoch), self.rows)
-        self._checkpoint_folders = []
+        self._checkpoint_writes.epoch_finished(epoch)
 
 
 def _numbers(logs):
