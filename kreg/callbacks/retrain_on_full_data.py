@@ -1,5 +1,6 @@
 """Second phase of early stopping: retrain on training + validation data."""
 
+import collections.abc
 import math
 import os
 import shutil
@@ -49,7 +50,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
       - ``length="steps"``: the same number of optimizer steps as phase 1
         took up to its best epoch, rounded to whole epochs;
       - ``length="scaled"``: ``(best_epoch + 1) * n_full / n_train`` epochs
-        (rounded up), "a bit longer because there is more data".
+        (rounded up), "a bit longer because there is more data", where
+        ``n_full`` and ``n_train`` are the batches per epoch of the full
+        data and of phase 1 (Keras tells callbacks no sample counts): the
+        ratio of the data sets' sizes up to their last, partial batches,
+        so two data sets that fill the same number of batches give no
+        extra epoch.
     - ``algorithm="continue"`` (algorithm 7.3): from the weights phase 1 left
       (the best ones with ``restore_best_weights=True``), train on the full
       data one epoch at a time until the loss on the validation part
@@ -84,10 +90,22 @@ class RetrainOnFullData(keras.callbacks.Callback):
     given ``resume_from=<file>``, skip phase 1 and go on with phase 2 at the
     next epoch (an `EMA` of phase 2 resumes with its own ``resume_from``).
 
+    The full data is checked when ``fit`` begins (one batch of it through
+    the model's test step), so data that does not fit the model fails
+    before phase 1 trains, not after it; so do a missing `EarlyStopping`
+    (at the first epoch) and a one-pass generator or an endless dataset
+    without ``steps_per_epoch`` (at construction). Keras tells callbacks
+    neither the ``batch_size`` nor the ``class_weight`` or
+    ``sample_weight`` of ``fit``: pass them here again.
+
     Args:
-        x: full input data: an array (or list/dict of arrays) or a
-            ``tf.data.Dataset`` yielding ``(x, y)`` batches.
-        y: full targets when ``x`` is an array. Defaults to `None`.
+        x: full input data: an array (or list/dict of arrays), a
+            ``tf.data.Dataset`` yielding ``(x, y)`` or ``(x, y,
+            sample_weight)`` batches, or another data set Keras's ``fit``
+            can run several epochs over (``keras.utils.PyDataset``, a
+            PyTorch ``DataLoader``); not a generator (one pass only).
+        y: full targets when ``x`` is an array (or list/dict of arrays,
+            for several outputs). Defaults to `None`.
         algorithm: `"restart"` (7.2) or `"continue"` (7.3). Defaults to
             `"restart"`.
         length: for `"restart"`: `"epochs"`, `"steps"` or `"scaled"`.
@@ -106,6 +124,13 @@ class RetrainOnFullData(keras.callbacks.Callback):
         backup_dir: folder where the state is kept for resuming an
             interrupted ``fit``. Defaults to `None`: the folder of a
             `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
+        steps_per_epoch: batches per phase-2 epoch, as ``fit(
+            steps_per_epoch=...)``; needed for an endless (repeated)
+            dataset. Defaults to `None`: one pass over the full data.
+        sample_weight: per-sample weights of the full array data, as
+            ``fit(sample_weight=...)``. Defaults to `None`.
+        class_weight: as ``fit(class_weight=...)`` for phase 2. Defaults
+            to `None`.
         resume_from: a checkpoint file written by a
             `kreg.callbacks.ModelCheckpoint`: of phase 1, the ``fit`` takes
             the initial weights and the logs of the earlier epochs from
@@ -132,17 +157,27 @@ class RetrainOnFullData(keras.callbacks.Callback):
     def __init__(self, x, y=None, algorithm="restart", length="epochs",
                  batch_size=None, validation_data=None, max_epochs=100,
                  callbacks=None, backup_dir=None, shuffle=True,
-                 resume_from=None):
+                 resume_from=None, steps_per_epoch=None, sample_weight=None,
+                 class_weight=None):
         super().__init__()
         if x is None:
             raise ValueError(
                 "Invalid value received for argument `x`. Expected the full "
                 "data (arrays or a dataset). Received: x=None"
             )
+        if isinstance(x, collections.abc.Iterator):
+            raise TypeError(
+                "Invalid value received for argument `x`. Expected arrays or "
+                "a data set that can be iterated once per epoch (a tf.data."
+                "Dataset, a keras.utils.PyDataset, a DataLoader); phase 2 "
+                "runs several epochs over it and a generator or iterator "
+                f"gives one pass. Received: x={x!r}"
+            )
         check_one_of("algorithm", algorithm, _ALGORITHMS)
         check_one_of("length", length, _LENGTHS)
         for name, value in (("batch_size", batch_size),
-                            ("max_epochs", max_epochs)):
+                            ("max_epochs", max_epochs),
+                            ("steps_per_epoch", steps_per_epoch)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int)
                 or value < 1
@@ -158,8 +193,25 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "validation part falls below the training loss of the best "
                 "epoch, so it needs that part. Received: validation_data=None"
             )
+        if steps_per_epoch is None and _cardinality(x) == _INFINITE:
+            raise ValueError(
+                "Invalid value received for argument `steps_per_epoch`. "
+                "The full data `x` is an endless (repeated) dataset, so "
+                "phase 2's epochs need a length: pass steps_per_epoch, or a "
+                "dataset without .repeat(). Received: steps_per_epoch=None"
+            )
+        if sample_weight is not None and _is_dataset(x):
+            raise ValueError(
+                "Invalid value received for argument `sample_weight`. "
+                "With a dataset `x` the weights are its batches' third "
+                "element, as in `fit`. Received: sample_weight="
+                f"{type(sample_weight).__name__}"
+            )
         self.x = x
         self.y = y
+        self.steps_per_epoch = steps_per_epoch
+        self.sample_weight = sample_weight
+        self.class_weight = class_weight
         self.algorithm = algorithm
         self.length = length
         self.batch_size = batch_size
@@ -245,6 +297,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if self._first_epoch is not None:
             return
         self._first_epoch = epoch
+        # Every callback's on_train_begin has run: the EarlyStopping of
+        # this fit is registered, whatever the order of the callbacks.
+        self._early_stopping()
         if epoch > len(self._phase1_logs) or (epoch > 0 and not
                                                self._start_restored):
             warnings.warn(
@@ -287,13 +342,17 @@ class RetrainOnFullData(keras.callbacks.Callback):
             _shared.save_json(folder, _STATE_NAME, numbers)
 
     # Phase 2 ---------------------------------------------------------------
-    def on_train_end(self, logs=None):
+    def _early_stopping(self):
         stop = _shared.lookup(self, "early_stopping")
         if stop is None:
             raise ValueError(
                 "RetrainOnFullData needs a kreg.callbacks.EarlyStopping in "
                 "the same `fit` call (it reads the best epoch from it)."
             )
+        return stop
+
+    def on_train_end(self, logs=None):
+        stop = self._early_stopping()
         resuming = self._plan is not None
         if resuming:
             stop.set_state({**self._plan["early_stopping"],
@@ -444,7 +503,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     def _fit(self, epochs, verbose, callbacks, initial_epoch=0):
         kwargs = dict(epochs=epochs, verbose=verbose, callbacks=callbacks,
-                      initial_epoch=initial_epoch)
+                      initial_epoch=initial_epoch,
+                      steps_per_epoch=self.steps_per_epoch,
+                      class_weight=self.class_weight)
         if _is_dataset(self.x):
             return self.model.fit(self.x, **kwargs)
         if self.batch_size is None:
@@ -457,13 +518,17 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 stacklevel=2,
             )
         return self.model.fit(self.x, self.y, batch_size=self.batch_size,
-                              shuffle=self.shuffle, **kwargs)
+                              shuffle=self.shuffle,
+                              sample_weight=self.sample_weight, **kwargs)
 
     def _validation_loss(self):
         data = self.validation_data
         if isinstance(data, (tuple, list)):
-            result = self.model.evaluate(*data, batch_size=self.batch_size,
-                                         verbose=0, return_dict=True)
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+                tuple(data))
+            result = self.model.evaluate(
+                x, y, sample_weight=sample_weight,
+                batch_size=self.batch_size, verbose=0, return_dict=True)
         else:
             result = self.model.evaluate(data, verbose=0, return_dict=True)
         return float(result["loss"])
@@ -487,29 +552,63 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     # Checks ----------------------------------------------------------------
     def _check_data(self):
-        if _is_dataset(self.x):
-            return
-        inputs = self.x
-        first = inputs if not isinstance(inputs, (list, tuple, dict)) else (
-            list(inputs.values())[0] if isinstance(inputs, dict)
-            else inputs[0]
-        )
-        n = np.shape(first)[0] if np.ndim(first) else 0
+        """Fails early on full data that does not fit the model: sample
+        counts of array data, then one batch through the test step."""
+        if not _is_dataset(self.x):
+            self._check_arrays()
+        try:
+            batch = self._first_batch()
+        except Exception as error:
+            raise ValueError(
+                "RetrainOnFullData: cannot take a batch of the full data "
+                f"`x` ({type(error).__name__}: {error})."
+            ) from error
+        if batch is None:
+            raise ValueError(
+                "RetrainOnFullData: the full data `x` holds no batch."
+            )
+        try:
+            self.model.test_on_batch(*batch)
+        except Exception as error:
+            raise ValueError(
+                "RetrainOnFullData: the full data does not fit the model: a "
+                "batch of it fails in the model's test step (is a dataset "
+                "batched, and does it yield (inputs, targets)?): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+    def _check_arrays(self):
         if self.y is None:
             raise ValueError(
                 "Invalid value received for argument `y`. Expected targets "
                 "for the array inputs `x`. Received: y=None"
             )
-        if np.shape(self.y)[0] != n:
+        counts = {}
+        for name, data in (("x", self.x), ("y", self.y),
+                           ("sample_weight", self.sample_weight)):
+            if data is None:
+                continue
+            sizes = [np.shape(a)[0] if np.ndim(a) else 0
+                     for a in keras.tree.flatten(data)]
+            if len(set(sizes)) > 1:
+                raise ValueError(
+                    f"RetrainOnFullData: the arrays of `{name}` hold "
+                    f"different numbers of samples: {sizes}."
+                )
+            if sizes:
+                counts[name] = sizes[0]
+        if counts["y"] != counts["x"] or counts.get(
+                "sample_weight", counts["x"]) != counts["x"]:
             raise ValueError(
-                f"RetrainOnFullData: `x` has {n} samples but `y` has "
-                f"{np.shape(self.y)[0]}."
+                "RetrainOnFullData: the full data's numbers of samples differ: "
+                + ", ".join(f"`{name}` {n}" for name, n in counts.items())
+                + "."
             )
         expected = getattr(self.model, "input_shape", None)
         if isinstance(expected, tuple) and not isinstance(
-            inputs, (list, tuple, dict)
+            self.x, (list, tuple, dict)
         ):
-            got = tuple(np.shape(inputs)[1:])
+            got = tuple(np.shape(self.x)[1:])
             want = tuple(expected[1:])
             if len(got) != len(want) or any(
                 w is not None and w != g for w, g in zip(want, got)
@@ -520,13 +619,45 @@ class RetrainOnFullData(keras.callbacks.Callback):
                     f"expects {want}."
                 )
 
-    def _full_steps(self):
-        if _is_dataset(self.x):
-            try:
-                cardinality = int(self.x.cardinality())
-            except Exception:
+    def _first_batch(self):
+        """``(x, y, sample_weight)`` of the full data's first batch (NumPy
+        for array data and tf.data), or None when it is empty."""
+        if not _is_dataset(self.x):
+            size = self.batch_size or 32
+
+            def head(data):
+                return keras.tree.map_structure(lambda a: a[:size], data)
+
+            return (head(self.x), head(self.y),
+                    None if self.sample_weight is None
+                    else head(self.sample_weight))
+        if hasattr(self.x, "element_spec"):  # tf.data
+            element = next(iter(self.x.take(1)), None)
+            if element is None:
                 return None
-            return cardinality if cardinality > 0 else None
+            element = keras.tree.map_structure(np.asarray, element)
+        elif isinstance(self.x, keras.utils.PyDataset):
+            if self.x.num_batches == 0:
+                return None
+            element = self.x[0]
+        else:
+            element = next(iter(self.x), None)
+            if element is None:
+                return None
+        if not isinstance(element, (tuple, list)):
+            element = (element,)
+        return keras.utils.unpack_x_y_sample_weight(tuple(element))
+
+    def _full_steps(self):
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        if _is_dataset(self.x):
+            if isinstance(self.x, keras.utils.PyDataset):
+                return self.x.num_batches or None
+            cardinality = _cardinality(self.x)
+            if cardinality is None and hasattr(self.x, "__len__"):
+                cardinality = len(self.x)  # e.g. a DataLoader
+            return cardinality if cardinality and cardinality > 0 else None
         first = self.x
         if isinstance(first, dict):
             first = list(first.values())[0]
@@ -544,6 +675,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             "backup_dir": self.backup_dir,
             "shuffle": self.shuffle,
             "resume_from": self.resume_from,
+            "steps_per_epoch": self.steps_per_epoch,
         }
 
 
@@ -652,6 +784,20 @@ def _columns(rows):
     for _, row in rows:
         keys += [k for k in row if k not in keys]
     return {k: [row.get(k, math.nan) for _, row in rows] for k in keys}
+
+
+_INFINITE = -1  # tf.data.INFINITE_CARDINALITY
+
+
+def _cardinality(x):
+    """A tf.data.Dataset's number of batches (-1: endless, -2: unknown);
+    None for anything else."""
+    if not hasattr(x, "cardinality"):
+        return None
+    try:
+        return int(x.cardinality())
+    except Exception:
+        return None
 
 
 def _is_dataset(x):

@@ -21,8 +21,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
 
     1. **Health check.** If any entry of any gradient is NaN or Inf (or the
        global norm is so large, > ~1.8e19, that its square overflows
-       float32), the step is skipped: neither the weights nor the inner optimizer's state (its
-       moments, its `iterations`) change, and `skipped_steps` is incremented.
+       float32), the step is skipped: neither the weights nor the inner
+       optimizer's state (its moments, its `iterations`) change, and
+       `skipped_steps` is incremented.
        With `on_non_finite="raise"` an error is raised instead.
     2. **Value clipping** (`clipvalue=c`): `g <- clip(g, -c, c)` entry-wise.
     3. **Adaptive clipping** (AGC, `agc_factor=lambda`), unit-wise: for each

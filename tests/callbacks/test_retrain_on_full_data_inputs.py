@@ -1,0 +1,224 @@
+"""RetrainOnFullData with the kinds of data ``fit`` takes: several outputs,
+sample and class weights, endless datasets, PyDataset; and the checks that
+fail before phase 1 trains. Phase 2 is compared with a hand-run phase 2: a
+fresh model (same initial weights) fit on the full data for best_epoch + 1
+epochs with the same arguments."""
+
+import keras
+import numpy as np
+import pytest
+
+from kreg.callbacks import EarlyStopping, RetrainOnFullData
+from kreg.testing import TestCase
+from tests.callbacks.test_retrain_on_full_data import RetrainData
+
+
+class CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = []  # batches per epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.append(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches[-1] += 1
+
+
+class Batches(keras.utils.PyDataset):
+    """The full data as a PyDataset of batches of 16."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return int(np.ceil(len(self.x) / 16))
+
+    def __getitem__(self, index):
+        part = slice(16 * index, 16 * (index + 1))
+        return self.x[part], self.y[part]
+
+
+class RetrainInputsTest(RetrainData, TestCase):
+    def hand_run_phase_2(self, epochs, model=None, **fit_kwargs):
+        """Phase 2 by hand: the initial weights, a fresh optimizer."""
+        model = model or self.model()
+        model.fit(self.x_full, self.y_full, batch_size=16, epochs=epochs,
+                  shuffle=False, verbose=0, **fit_kwargs)
+        return model.get_weights()
+
+    def assert_weights_equal(self, got, expected):
+        for a, b in zip(got, expected):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_several_outputs_as_dict_and_list(self):
+        def model(kind):
+            keras.utils.set_random_seed(3)
+            inputs = keras.Input((3,))
+            a = keras.layers.Dense(1, name="a")(inputs)
+            b = keras.layers.Dense(1, name="b")(inputs)
+            outputs = {"a": a, "b": b} if kind == "dict" else [a, b]
+            model = keras.Model(inputs, outputs)
+            model.compile(optimizer=keras.optimizers.SGD(0.02),
+                          loss={"a": "mse", "b": "mse"} if kind == "dict"
+                          else ["mse", "mse"])
+            return model
+
+        def targets(kind, y, y_b=None):
+            y_b = 2 * y if y_b is None else y_b
+            return {"a": y, "b": y_b} if kind == "dict" else [y, y_b]
+
+        for kind in ("dict", "list"):
+            with self.subTest(kind=kind):
+                stop = EarlyStopping(patience=2)
+                retrain = RetrainOnFullData(
+                    self.x_full, targets(kind, self.y_full), batch_size=16,
+                    shuffle=False)
+                trained = model(kind)
+                trained.fit(self.x, targets(kind, self.y), batch_size=16,
+                            epochs=30, shuffle=False, verbose=0,
+                            validation_data=(self.xv, targets(kind, self.yv)),
+                            callbacks=[stop, retrain])
+                self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+                hand = model(kind)
+                hand.fit(self.x_full, targets(kind, self.y_full),
+                         batch_size=16, epochs=stop.best_epoch + 1,
+                         shuffle=False, verbose=0)
+                self.assert_weights_equal(trained.get_weights(),
+                                          hand.get_weights())
+                with self.assertRaisesRegex(ValueError, r"`y`.*\[64, 5\]"):
+                    trained.fit(
+                        self.x, targets(kind, self.y), epochs=1, verbose=0,
+                        validation_data=(self.xv, targets(kind, self.yv)),
+                        callbacks=[EarlyStopping(), RetrainOnFullData(
+                            self.x_full,
+                            targets(kind, self.y_full, self.y_full[:5]))])
+
+    def test_sample_weight_and_class_weight_reach_phase_2(self):
+        rng = np.random.RandomState(5)
+        weights = rng.uniform(0.1, 3.0, size=len(self.x_full)).astype(
+            "float32")
+        stop = EarlyStopping(patience=2)
+        retrain = RetrainOnFullData(self.x_full, self.y_full, batch_size=16,
+                                    shuffle=False, sample_weight=weights)
+        model = self.model()
+        self.fit(model, [stop, retrain])
+        epochs = stop.best_epoch + 1
+        self.assert_weights_equal(
+            model.get_weights(),
+            self.hand_run_phase_2(epochs, sample_weight=weights))
+        unweighted = self.hand_run_phase_2(epochs)
+        self.assertGreater(np.abs(model.get_weights()[0]
+                                  - unweighted[0]).max(), 1e-4)
+
+        # class_weight, on a classifier.
+        labels = (self.y_full[:, 0] > 0).astype("int32")
+        class_weight = {0: 1.0, 1: 4.0}
+
+        def classifier():
+            keras.utils.set_random_seed(3)
+            model = keras.Sequential([keras.Input((3,)),
+                                      keras.layers.Dense(2)])
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.05),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+            return model
+
+        stop = EarlyStopping(patience=2)
+        retrain = RetrainOnFullData(self.x_full, labels, batch_size=16,
+                                    shuffle=False, class_weight=class_weight)
+        model = classifier()
+        model.fit(self.x, labels[:48], batch_size=16, epochs=30,
+                  shuffle=False, verbose=0, class_weight=class_weight,
+                  validation_data=(self.xv, labels[48:]),
+                  callbacks=[stop, retrain])
+        hand = classifier()
+        hand.fit(self.x_full, labels, batch_size=16,
+                 epochs=stop.best_epoch + 1, shuffle=False, verbose=0,
+                 class_weight=class_weight)
+        self.assert_weights_equal(model.get_weights(), hand.get_weights())
+
+    def test_endless_dataset_needs_steps_per_epoch(self):
+        tf = pytest.importorskip("tensorflow")
+        endless = tf.data.Dataset.from_tensor_slices(
+            (self.x_full, self.y_full)).batch(16).repeat()
+        with self.assertRaisesRegex(ValueError, "steps_per_epoch=None"):
+            RetrainOnFullData(endless)
+        count = CountBatches()
+        stop = EarlyStopping(patience=2)
+        retrain = RetrainOnFullData(endless, steps_per_epoch=3,
+                                    callbacks=[count])
+        self.fit(self.model(), [stop, retrain])
+        self.assertEqual(count.batches, [3] * (stop.best_epoch + 1))
+        # length="steps": phase 1's steps to its best epoch (3 per epoch)
+        # in phase-2 epochs of 3 steps.
+        stop = EarlyStopping(patience=2)
+        retrain = RetrainOnFullData(endless, steps_per_epoch=3,
+                                    length="steps")
+        self.fit(self.model(), [stop, retrain])
+        self.assertEqual(retrain.retrain_epochs, stop.best_epoch + 1)
+
+    def test_py_dataset_and_one_pass_generators(self):
+        count = CountBatches()
+        stop = EarlyStopping(patience=2)
+        retrain = RetrainOnFullData(Batches(self.x_full, self.y_full),
+                                    length="steps", callbacks=[count])
+        self.fit(self.model(), [stop, retrain])
+        # Phase 1: 3 batches per epoch; the full data: 4.
+        epochs = max(1, round((stop.best_epoch + 1) * 3 / 4))
+        self.assertEqual(count.batches, [4] * epochs)
+        generator = ((self.x_full[i:i + 16], self.y_full[i:i + 16])
+                     for i in range(0, 64, 16))
+        with self.assertRaisesRegex(TypeError, "generator or iterator"):
+            RetrainOnFullData(generator)
+
+    def test_data_that_does_not_fit_fails_before_phase_1_trains(self):
+        tf = pytest.importorskip("tensorflow")
+        wrong = {
+            "too few features": tf.data.Dataset.from_tensor_slices(
+                (self.x_full[:, :2], self.y_full)).batch(16),
+            "no targets": tf.data.Dataset.from_tensor_slices(
+                self.x_full).batch(16),
+            "unbatched": tf.data.Dataset.from_tensor_slices(
+                (self.x_full, self.y_full)),
+        }
+        for name, dataset in wrong.items():
+            with self.subTest(name):
+                count = CountBatches()
+                with self.assertRaisesRegex(ValueError,
+                                            "does not fit the model"):
+                    self.fit(self.model(), [
+                        count, EarlyStopping(), RetrainOnFullData(dataset)])
+                self.assertEqual(count.batches, [])
+        # No EarlyStopping: the error comes when the first epoch begins.
+        count = CountBatches()
+        with self.assertRaisesRegex(ValueError, "needs a kreg.callbacks"):
+            self.fit(self.model(), [
+                count, RetrainOnFullData(self.x_full, self.y_full)])
+        self.assertEqual(count.batches, [0])
+
+    def test_continue_with_weighted_validation_part(self):
+        # (x, y, sample_weight) as the validation part of algorithm 7.3:
+        # zero weights on the part's second half leave only the first half
+        # (Keras divides the weighted sum by the batch size: half of the
+        # first half's mean, in one batch of 16).
+        weights = np.repeat([1.0, 0.0], 8).astype("float32")
+        parts = {
+            "weighted": (self.xv, 2 * self.yv, weights),
+            "first half": (self.xv[:8], 2 * self.yv[:8]),
+        }
+        results = {}
+        for name, part in parts.items():
+            stop = EarlyStopping(patience=2, restore_best_weights=True)
+            retrain = RetrainOnFullData(
+                self.x_full, self.y_full, algorithm="continue",
+                batch_size=16, validation_data=part, max_epochs=4,
+                shuffle=False)
+            self.fit(self.model(), [stop, retrain])
+            results[name] = retrain.retrain_history.history["val_part_loss"]
+        weighted = results["weighted"]
+        self.assertAllClose(
+            weighted, 0.5 * np.array(results["first half"][:len(weighted)]),
+            rtol=1e-5)
