@@ -104,6 +104,34 @@ def fusable(model):
     return False
 
 
+def step_counter(optimizer):
+    """``(variable, k)``: the variable counting `optimizer`'s calls, and
+    the gradient-accumulation period ``k`` (the weights change at calls
+    that leave the count a multiple of ``k``).
+
+    With ``gradient_accumulation_steps`` Keras's ``iterations`` is a
+    tensor (``_iterations // k``) made anew at each read; the variable
+    behind it is ``_iterations`` of the optimizer that accumulates (a
+    `LossScaleOptimizer`'s inner one)."""
+    owner = optimizer
+    while (not getattr(owner, "gradient_accumulation_steps", None)
+           and getattr(owner, "inner_optimizer", None) is not None
+           and not isinstance(owner.iterations, keras.Variable)):
+        owner = owner.inner_optimizer
+    accumulation = int(getattr(owner, "gradient_accumulation_steps", None)
+                       or 1)
+    counter = owner.iterations
+    if not isinstance(counter, keras.Variable):
+        counter = getattr(owner, "_iterations", None)
+    if not isinstance(counter, keras.Variable):
+        raise ValueError(
+            "EMA cannot find the step counter of the optimizer "
+            f"{type(optimizer).__name__} (its `iterations` is not a "
+            "variable)."
+        )
+    return counter, accumulation
+
+
 def _restart(weights, iteration, count, packed):
     """s_0 = w_0 (packed or one copy per weight), count 0, last step."""
     import jax.numpy as jnp
@@ -156,14 +184,15 @@ class Updater:
     every step's logs to the host and serializes the loop).
     """
 
-    def __init__(self, model, targets, shadows, count, last, config):
+    def __init__(self, model, targets, shadows, count, last, config,
+                 iterations):
         self.model = model
         self.targets = targets
         self.shadows = shadows
         self.count = count
         self.last = last
         self.config = config
-        self.iterations = model.optimizer.iterations
+        self.iterations = iterations  # the variable of `step_counter`
         self.backend = keras.backend.backend()
         self._fused = None  # (model, original, wrapper) while fused
         self._fused_cache = None  # (original train function, fused one)

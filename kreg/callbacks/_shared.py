@@ -38,7 +38,8 @@ def lookup(callback, role):
         return None
     if other is None or other is callback:
         return other
-    if other.params is not callback.params or other.model is not callback.model:
+    if (other.params is not callback.params
+            or other.model is not callback.model):
         return None
     return other
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from kreg.callbacks import _shared
 from kreg.callbacks._ema_updater import (Updater, copies, copy_value,
-                                         fusable)
+                                         fusable, step_counter)
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
@@ -47,13 +47,21 @@ class EMA(keras.callbacks.Callback):
       saves the weights whose ``val_loss`` was logged, and Keras's
       ``EarlyStopping(restore_best_weights=True)`` keeps averaged weights
       (which the EMA then leaves in place, even with
-      ``keep_averaged=False``). Saves made in the middle of an epoch
-      (``save_freq=<int>``) hold the raw weights.
+      ``keep_averaged=False``; one case it cannot tell: with Keras's
+      EarlyStopping listed before the EMA and the best epoch the last, the
+      restored weights equal the averaged ones still in the model, and
+      ``keep_averaged=False`` puts the raw ones back. kreg's EarlyStopping,
+      or the EMA listed first, keeps the best ones). Saves made in the
+      middle of an epoch (``save_freq=<int>``) hold the raw weights.
     - ``with ema.averaged_weights(): ...`` swaps the averaged weights in (for
       ``evaluate``, ``predict``, ``save``) and back out on exit. Passed as a
       callback to ``evaluate``/``predict`` it does the same for that call, and
       nothing is left swapped afterwards (Keras's ``SwapEMAWeights`` leaves
-      the EMA weights in after ``predict``).
+      the EMA weights in after ``predict``). A call that raises gets no end
+      hook from Keras: the raw weights go back at the EMA's next use (a
+      ``fit``, ``evaluate``, ``predict`` or context manager with it). Only
+      the model it was fit with: another model's ``predict`` with it is a
+      `ValueError`.
     - At the end of training the averaged weights are left in the model
       (``keep_averaged=True``); ``ema.raw_weights()`` swaps the last raw
       weights back in temporarily.
@@ -90,6 +98,9 @@ class EMA(keras.callbacks.Callback):
       default). A ``fit`` that starts after epoch 0 without such a state
       warns that the average restarts. `get_state`/`set_state` give the
       shadow and step count as a dict.
+
+    With ``gradient_accumulation_steps=k`` in the optimizer only the
+    batches that change the weights (every ``k``-th) are averaged steps.
 
     Args:
         decay: the decay ``d`` in [0, 1). Defaults to `0.999`.
@@ -241,6 +252,7 @@ class EMA(keras.callbacks.Callback):
     @contextlib.contextmanager
     def averaged_weights(self):
         """Context manager: averaged weights inside, previous state after."""
+        self._end_interrupted_inference()
         was_in = self._averaged_in_model
         self.swap_in()
         try:
@@ -252,6 +264,7 @@ class EMA(keras.callbacks.Callback):
     @contextlib.contextmanager
     def raw_weights(self):
         """Context manager: raw weights inside, previous state after."""
+        self._end_interrupted_inference()
         was_in = self._averaged_in_model
         if was_in and self._backup is None:
             raise ValueError(
@@ -302,11 +315,13 @@ class EMA(keras.callbacks.Callback):
         _shared.register(self, "ema")
         # Before anything changes: a refused fit leaves the EMA as it was.
         self._check_steps_per_execution(fusable(self.model))
+        self._end_interrupted_inference()
         if self._in_fit and self._averaged_in_model:
             # The previous fit was interrupted (an exception) while the
             # averaged weights were in: put its raw weights back first.
             self.swap_out()
         self._in_fit = True
+        self._swapped_for_inference = False
         self._restored_by_early_stopping = False
         self._averaged_in_model = False
         self._epoch_view = False
@@ -358,6 +373,7 @@ class EMA(keras.callbacks.Callback):
             self._save_state(self._backup_folder, epoch + 1)
 
     def on_test_begin(self, logs=None):
+        self._end_interrupted_inference()
         self._swap_for_inference(
             self.validate_with_averaged if self._in_fit else True
         )
@@ -372,6 +388,7 @@ class EMA(keras.callbacks.Callback):
         self._unswap_after_inference()
 
     def on_predict_begin(self, logs=None):
+        self._end_interrupted_inference()
         self._swap_for_inference(True)
 
     def on_predict_end(self, logs=None):
@@ -462,7 +479,7 @@ class EMA(keras.callbacks.Callback):
         )
         # Only optimizer steps taken from here on are averaged (a restored
         # optimizer may have moved the iteration counter).
-        self._last.assign(copy_value(self.model.optimizer.iterations.value))
+        self._last.assign(copy_value(self._updater.iterations.value))
 
     def _end_epoch_view(self):
         """The next epoch begins: the raw weights go back in."""
@@ -494,12 +511,28 @@ class EMA(keras.callbacks.Callback):
         self._backup = None
 
     def _swap_for_inference(self, wanted):
+        if (wanted and self._shadows is not None
+                and self.model is not self._built_for[0]):
+            raise ValueError(
+                "This EMA averages the weights of the model it was fit "
+                f"with ({self._built_for[0].name!r}), not those of "
+                f"{self.model.name!r}: pass it to that model's "
+                "`predict`/`evaluate`, or save the averaged model (e.g. "
+                "inside `with ema.averaged_weights():`) and load that."
+            )
         self._swapped_for_inference = (
             wanted and self._shadows is not None
             and not self._averaged_in_model
         )
         if self._swapped_for_inference:
             self.swap_in()
+
+    def _end_interrupted_inference(self):
+        """A `predict`/`evaluate` outside `fit` that raised never reached
+        its end hook (Keras calls none after an exception): the raw
+        weights it swapped out go back in before anything else."""
+        if not self._in_fit:
+            self._unswap_after_inference()
 
     def _unswap_after_inference(self):
         if getattr(self, "_swapped_for_inference", False):
@@ -553,11 +586,8 @@ class EMA(keras.callbacks.Callback):
             raise ValueError("EMA needs a compiled model (an optimizer).")
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        accumulation = int(
-            getattr(optimizer, "gradient_accumulation_steps", None) or 1
-        )
+        iterations, accumulation = step_counter(optimizer)
         config = (self.decay, self.warmup, self.warmup_power, accumulation)
-        iterations = optimizer.iterations
         same = (
             self._updater is not None
             and self._built_for == (self.model, optimizer, config)
@@ -586,7 +616,7 @@ class EMA(keras.callbacks.Callback):
         )
         self._updater = Updater(
             self.model, targets, self._shadows, self._count, self._last,
-            config,
+            config, iterations,
         )
 
     def get_config(self):

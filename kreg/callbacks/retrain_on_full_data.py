@@ -600,7 +600,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if counts["y"] != counts["x"] or counts.get(
                 "sample_weight", counts["x"]) != counts["x"]:
             raise ValueError(
-                "RetrainOnFullData: the full data's numbers of samples differ: "
+                "RetrainOnFullData: the full data's numbers of samples "
+                "differ: "
                 + ", ".join(f"`{name}` {n}" for name, n in counts.items())
                 + "."
             )

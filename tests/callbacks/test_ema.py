@@ -60,7 +60,8 @@ class EMATest(TestCase):
     # below runs every test again with the XLA-compiled train step.
     jit_default = False
 
-    def model(self, seed=5, bn=False, jit=None, steps_per_execution=1):
+    def model(self, seed=5, bn=False, jit=None, steps_per_execution=1,
+              accumulation=None):
         if jit is None:
             jit = self.jit_default
         keras.utils.set_random_seed(seed)
@@ -69,8 +70,10 @@ class EMATest(TestCase):
             layers.append(keras.layers.BatchNormalization(momentum=0.5))
         layers.append(keras.layers.Dense(2))
         model = keras.Sequential(layers)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
-                      loss="mse", jit_compile=jit and self.jit_compile_setting(),
+        optimizer = keras.optimizers.SGD(
+            0.1, momentum=0.5, gradient_accumulation_steps=accumulation)
+        model.compile(optimizer=optimizer, loss="mse",
+                      jit_compile=jit and self.jit_compile_setting(),
                       steps_per_execution=steps_per_execution)
         return model
 
@@ -106,6 +109,69 @@ class EMATest(TestCase):
                 for w, raw in zip(model.trainable_variables,
                                   record.after_batch[-1]):
                     self.assertAllClose(w, raw)
+
+    def test_gradient_accumulation(self):
+        # SGD(gradient_accumulation_steps=3): the weights change at every
+        # third batch, and only those steps are averaged.
+        model = self.model(accumulation=3)
+        record = RecordBatchWeights()
+        ema = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [record, ema])
+        self.assertEqual(len(record.after_batch), 18)
+        for a, b in zip(record.after_batch[0], record.initial):
+            self.assertAllEqual(a, b)  # accumulated, not applied
+        self.assertEqual(ema.steps, 6)
+        expected = numpy_ema(record.initial, record.after_batch[2::3], 0.8)
+        for s, e in zip(ema.shadow_variables, expected):
+            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+
+    def test_interrupted_predict_leaves_nothing_swapped(self):
+        # Keras calls no end hook after an exception in predict/evaluate:
+        # the raw weights the EMA swapped out go back in at the EMA's next
+        # use, and the next fit trains on from them.
+        class Fail(keras.callbacks.Callback):
+            def on_predict_batch_end(self, batch, logs=None):
+                raise RuntimeError("interrupted")
+
+            on_test_batch_end = on_predict_batch_end
+
+        if keras.backend.backend() == "jax":
+            self.skipTest("Keras on JAX leaves the model's variables "
+                          "purged after an exception in predict")
+        for method in ("predict", "evaluate"):
+            with self.subTest(method=method):
+                model = self.model()
+                ema = EMA(decay=0.9, keep_averaged=False)
+                self.fit(model, [ema], validation=False)
+                raw = [self.to_numpy(v) for v in model.trainable_variables]
+                averaged = [self.to_numpy(s) for s in ema.shadow_variables]
+                args = ((self.xv,) if method == "predict"
+                        else (self.xv, self.yv))
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    getattr(model, method)(*args, verbose=0,
+                                           callbacks=[ema, Fail()])
+                with ema.averaged_weights():
+                    for v, a in zip(model.trainable_variables, averaged):
+                        self.assertAllEqual(v, a)
+                for v, r in zip(model.trainable_variables, raw):
+                    self.assertAllEqual(v, r)
+                # The same, when the next use is a fit: it starts from the
+                # raw weights (from the EMA's on_train_begin on).
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    getattr(model, method)(*args, verbose=0,
+                                           callbacks=[ema, Fail()])
+                record = RecordBatchWeights()
+                self.fit(model, [ema, record], epochs=1, validation=False)
+                for w, r in zip(record.initial, raw):
+                    self.assertAllEqual(w, r)
+
+    def test_another_models_predict_is_refused(self):
+        model = self.model()
+        ema = EMA(decay=0.9)
+        self.fit(model, [ema], validation=False)
+        other = self.model()
+        with self.assertRaisesRegex(ValueError, "averages the weights of"):
+            other.predict(self.xv, verbose=0, callbacks=[ema])
 
     def test_steps_per_execution(self):
         # Several steps per compiled call (callbacks see every third
