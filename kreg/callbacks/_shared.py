@@ -22,26 +22,56 @@ _REGISTRY = weakref.WeakKeyDictionary()
 
 
 def register(callback, role):
-    """Records `callback` under `role` for its model's running ``fit``."""
+    """Records `callback` under `role` for its model's running ``fit``
+    (after those of the same role registered before it in this ``fit``:
+    the order of the callback list)."""
     try:
         entries = _REGISTRY.setdefault(callback.model, {})
     except TypeError:  # a model that cannot be weakly referenced
         return
-    entries[role] = callback
+    entries[role] = [
+        other for other in entries.get(role, [])
+        if other is not callback and other.params is callback.params
+    ] + [callback]
+
+
+def lookup_all(callback, role):
+    """The callbacks registered under `role` in the same ``fit``."""
+    try:
+        others = _REGISTRY.get(callback.model, {}).get(role, [])
+    except TypeError:
+        return []
+    return [
+        other for other in others
+        if other is callback or (other.params is callback.params
+                                 and other.model is callback.model)
+    ]
 
 
 def lookup(callback, role):
-    """The callback registered under `role` in the same ``fit``, or None."""
-    try:
-        other = _REGISTRY.get(callback.model, {}).get(role)
-    except TypeError:
-        return None
-    if other is None or other is callback:
-        return other
-    if (other.params is not callback.params
-            or other.model is not callback.model):
-        return None
-    return other
+    """The first callback registered under `role` in the same ``fit``, or
+    None."""
+    found = lookup_all(callback, role)
+    return found[0] if found else None
+
+
+def state_name(callback, role, base):
+    """The name of `callback`'s saved state: `base` for the first callback
+    of its `role` in the ``fit``, ``base_2``, ``base_3``, ... for the next
+    ones (list order), so that several of them keep apart."""
+    found = lookup_all(callback, role)
+    index = next((i for i, c in enumerate(found) if c is callback), 0)
+    return base if index == 0 else f"{base}_{index + 1}"
+
+
+def state_names(folder, base):
+    """The names of the states saved as `base`, ``base_2``, ... in
+    `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    names = {os.path.splitext(name)[0] for name in os.listdir(folder)}
+    return sorted(name for name in names if name == base or (
+        name.startswith(base + "_") and name[len(base) + 1:].isdigit()))
 
 
 def backup_folder(callback, own):

@@ -180,11 +180,14 @@ class EarlyStopping(keras.callbacks.Callback):
             None if weights is None else [np.array(w) for w in weights]
         )
 
-    def _save_state(self, folder):
+    def _save_state(self, folder, epoch):
+        """Writes the state to `folder`, for a ``fit`` resumed at `epoch`
+        (the epochs it has counted)."""
         state = self.get_state()
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
-        _shared.save_state(folder, _STATE_NAME, state, weights or [])
+        state["epoch"] = epoch
+        _shared.save_state(folder, self._state_name, state, weights or [])
 
     def _set_saved_state(self, loaded):
         """Restores ``(numbers, arrays)`` written by `_save_state`; False
@@ -194,6 +197,7 @@ class EarlyStopping(keras.callbacks.Callback):
         numbers_, arrays = loaded
         numbers_["best_weights"] = arrays if numbers_["has_weights"] else None
         self.set_state(numbers_)
+        self._saved_epoch = numbers_.get("epoch")
         return True
 
     # Callback hooks ------------------------------------------------------
@@ -201,24 +205,47 @@ class EarlyStopping(keras.callbacks.Callback):
         self._reset()
         self._finished = False
         # Beside kreg's ModelCheckpoint files, once the epoch is counted.
+        # (A file saved in the middle of an epoch gets the state the epoch
+        # began with: the resumed fit runs that epoch again.)
         self._checkpoint_writes = _shared.CheckpointWrites(
-            lambda folder, epoch, at_epoch_end: self._save_state(folder))
+            lambda folder, epoch, at_epoch_end: self._save_state(
+                folder, epoch + 1 if at_epoch_end else epoch))
         _shared.register(self, "early_stopping")
+        # Several EarlyStopping callbacks in one fit keep their states apart
+        # (by their order in the callback list).
+        self._state_name = _shared.state_name(self, "early_stopping",
+                                              _STATE_NAME)
         self._backup_folder = _shared.backup_folder(self, self.backup_dir)
+        self._saved_epoch = None
+        self._first_epoch_seen = False
         loaded = False
         if self._backup_folder is not None:
             loaded = self._set_saved_state(
-                _shared.load_state(self._backup_folder, _STATE_NAME))
+                _shared.load_state(self._backup_folder, self._state_name))
         if not loaded and self.resume_from is not None:
             self._set_saved_state(_shared.load_checkpoint_state(
-                self.resume_from, _STATE_NAME, "EarlyStopping"))
+                self.resume_from, self._state_name, "EarlyStopping"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch_seen:
+            return
+        self._first_epoch_seen = True
+        if self._saved_epoch is not None and self._saved_epoch != epoch:
+            warnings.warn(
+                f"EarlyStopping: the saved state it resumes from has counted "
+                f"{self._saved_epoch} epochs, but training resumes at epoch "
+                f"{epoch} (the weights were saved at another epoch than this "
+                "state, e.g. a callback failed between the two saves): the "
+                "stopping epoch may differ from an uninterrupted run's.",
+                stacklevel=2,
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         current = self._monitor_value(logs)
         if current is not None and epoch >= self.start_from_epoch:
             self._update(epoch, current)
         if self._backup_folder is not None:
-            self._save_state(self._backup_folder)
+            self._save_state(self._backup_folder, epoch + 1)
         self._checkpoint_writes.epoch_finished(epoch)
 
     def on_train_end(self, logs=None):
@@ -240,11 +267,10 @@ class EarlyStopping(keras.callbacks.Callback):
                     f"{self.best_epoch + 1}."
                 )
             self.model.set_weights(self.best_weights)
-            ema = _shared.lookup(self, "ema")
-            if ema is not None:
+            for ema in _shared.lookup_all(self, "ema"):
                 ema._weights_restored_by_early_stopping()
         if self._backup_folder is not None:
-            _shared.delete_state(self._backup_folder, _STATE_NAME)
+            _shared.delete_state(self._backup_folder, self._state_name)
 
     # Internals -----------------------------------------------------------
     def _update(self, epoch, current):
@@ -276,7 +302,10 @@ class EarlyStopping(keras.callbacks.Callback):
 
     def _weights_to_keep(self):
         """The weights that produced the monitored value."""
-        ema = _shared.lookup(self, "ema")
+        emas = _shared.lookup_all(self, "ema")
+        # At most one of them validates with its averaged weights.
+        ema = next((e for e in emas if e.validate_with_averaged),
+                   emas[0] if emas else None)
         if ema is None or ema._shadows is None:
             return self.model.get_weights()
         if self.monitor.startswith("val_") and ema.validate_with_averaged:

@@ -313,6 +313,7 @@ class EMA(keras.callbacks.Callback):
     # Callback hooks --------------------------------------------------------
     def on_train_begin(self, logs=None):
         _shared.register(self, "ema")
+        self._check_one_per_fit()
         # Before anything changes: a refused fit leaves the EMA as it was.
         self._check_steps_per_execution(fusable(self.model))
         self._end_interrupted_inference()
@@ -547,6 +548,24 @@ class EMA(keras.callbacks.Callback):
         if self._updater is not None and self._in_fit:
             self._updater.flush(fold_in=self._step_pending)
             self._step_pending = False
+
+    def _check_one_per_fit(self):
+        emas = _shared.lookup_all(self, "ema")
+        if len(emas) < 2:
+            return
+        # The others stop here too: nothing of theirs stays in the model's
+        # train function.
+        for other in emas:
+            if other is not self and other._updater is not None:
+                other._updater.detach()
+                other._in_fit = False
+        raise ValueError(
+            "One kreg.callbacks.EMA per `fit`: they would swap their "
+            "averaged weights in and out over each other (validation, "
+            "checkpoints, the end of training). This fit has "
+            f"{len(emas)}, with decays "
+            f"{', '.join(str(e.decay) for e in emas)}."
+        )
 
     def _check_steps_per_execution(self, fused):
         steps = getattr(self.model, "steps_per_execution", 1) or 1

@@ -57,7 +57,6 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             # At an epoch's end the resumed fit starts at the next epoch.
             ema._save_state(folder, epoch + 1 if batch is None else epoch)
         for role in ("early_stopping", "retrain_on_full_data"):
-            other = _shared.lookup(self, role)
-            if other is not None:
+            for other in _shared.lookup_all(self, role):
                 other._checkpoint_writes.request(folder, epoch,
                                                  at_epoch_end=batch is None)

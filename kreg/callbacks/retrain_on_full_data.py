@@ -343,13 +343,20 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     # Phase 2 ---------------------------------------------------------------
     def _early_stopping(self):
-        stop = _shared.lookup(self, "early_stopping")
-        if stop is None:
+        stops = _shared.lookup_all(self, "early_stopping")
+        if not stops:
             raise ValueError(
                 "RetrainOnFullData needs a kreg.callbacks.EarlyStopping in "
                 "the same `fit` call (it reads the best epoch from it)."
             )
-        return stop
+        if len(stops) > 1:
+            raise ValueError(
+                "RetrainOnFullData reads the best epoch from one kreg."
+                f"callbacks.EarlyStopping; this `fit` has {len(stops)} "
+                f"(monitoring {', '.join(repr(s.monitor) for s in stops)}). "
+                "Use keras.callbacks.EarlyStopping for the other ones."
+            )
+        return stops[0]
 
     def on_train_end(self, logs=None):
         stop = self._early_stopping()
@@ -359,7 +366,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
                             "best_weights": None})
         else:
             self._check_phase1(stop)
-        stop._finish()  # restore the best weights before phase 2
+        if not stop._finished:  # listed after this callback
+            stop._finish()  # restore the best weights before phase 2
         verbose = self.params.get("verbose", 0) if self.params else 0
         if not resuming:
             self._plan = self._make_plan(stop)
@@ -441,8 +449,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
                     path = os.path.join(self._folder, name)
                     if os.path.exists(path):
                         os.remove(path)
-                for name in _PHASE1_STATES:
-                    _shared.delete_state(self._folder, name)
+                for base in _PHASE1_STATES:
+                    for name in _shared.state_names(self._folder, base):
+                        _shared.delete_state(self._folder, name)
         self._set_values(self._start_values)
         start = self._phase2_start or {"epoch": 0, "rows": []}
         if verbose and self._phase2_start is not None:

@@ -1,5 +1,6 @@
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -313,3 +314,59 @@ class FitTest(TestCase):
             with self.assertRaisesRegex(ValueError, "resume_from="):
                 self.fit(model, [EarlyStopping(
                     resume_from=os.path.join(folder, "none.keras"))])
+
+    def two_stops(self, backup_dir=None, resume_from=None):
+        """One EarlyStopping on val_loss that stops, one on loss that
+        does not: different states."""
+        return (EarlyStopping(patience=2, restore_best_weights=True,
+                              backup_dir=backup_dir, resume_from=resume_from),
+                EarlyStopping(monitor="loss", patience=50,
+                              backup_dir=backup_dir, resume_from=resume_from))
+
+    def assert_same_states(self, got, expected):
+        for a, b in zip(got, expected):
+            self.assertEqual(a.stopped_epoch, b.stopped_epoch)
+            self.assertEqual(a.best_epoch, b.best_epoch)
+            self.assertAllClose(a.best, b.best, rtol=1e-6)
+            self.assertEqual(a.wait, b.wait)
+
+    def test_two_early_stoppings_resume_their_own_states(self):
+        full = self.two_stops()
+        self.fit(self.model(), list(full))
+        cut = full[0].stopped_epoch - 1
+        self.assertGreater(cut, full[0].best_epoch)
+        for kind in ("keras", "kreg"):
+            with self.subTest(pairing=kind), backup_pairing(kind) as pairing:
+                with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                    self.fit(self.model(), pairing.callbacks(
+                        *self.two_stops(pairing.backup_dir), Interrupt(cut)))
+                second = self.two_stops(pairing.backup_dir)
+                self.fit(self.model(), pairing.callbacks(*second))
+                self.assert_same_states(second, full)
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "e{epoch}.keras")
+            with self.assertRaisesRegex(RuntimeError, "interrupted"):
+                self.fit(self.model(), [ModelCheckpoint(pattern),
+                                        *self.two_stops(), Interrupt(cut)])
+            file = pattern.format(epoch=cut)
+            second = self.two_stops(resume_from=file)
+            self.fit(keras.models.load_model(file), list(second),
+                     initial_epoch=cut)
+            self.assert_same_states(second, full)
+
+    def test_state_of_another_epoch_warns(self):
+        with tempfile.TemporaryDirectory() as folder:
+            pattern = os.path.join(folder, "e{epoch}.keras")
+            self.fit(self.model(), [ModelCheckpoint(pattern),
+                                    EarlyStopping(patience=50)], epochs=3)
+            file = pattern.format(epoch=2)  # after epochs 0 and 1
+            for initial_epoch, warns in ((2, False), (1, True)):
+                with self.subTest(initial_epoch=initial_epoch):
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        self.fit(keras.models.load_model(file), [
+                            EarlyStopping(patience=50, resume_from=file)],
+                            epochs=3, initial_epoch=initial_epoch)
+                    told = [w for w in caught
+                            if "has counted 2 epochs" in str(w.message)]
+                    self.assertEqual(len(told), int(warns))

@@ -165,6 +165,21 @@ class EMATest(TestCase):
                 for w, r in zip(record.initial, raw):
                     self.assertAllEqual(w, r)
 
+    def test_one_ema_per_fit(self):
+        model = self.model()
+        original = model.make_train_function() or model.train_function
+        first, second = EMA(decay=0.9), EMA(decay=0.5)
+        with self.assertRaisesRegex(ValueError, "One kreg.callbacks.EMA per"):
+            self.fit(model, [first, second])
+        # Nothing of the first one stays in the train function: a fit
+        # without them trains as a fresh model does.
+        self.assertIs(model.train_function, original)
+        self.fit(model, [], epochs=1)
+        fresh = self.model()
+        self.fit(fresh, [], epochs=1)
+        for a, b in zip(model.get_weights(), fresh.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+
     def test_another_models_predict_is_refused(self):
         model = self.model()
         ema = EMA(decay=0.9)

@@ -4,6 +4,9 @@ fail before phase 1 trains. Phase 2 is compared with a hand-run phase 2: a
 fresh model (same initial weights) fit on the full data for best_epoch + 1
 epochs with the same arguments."""
 
+import contextlib
+import io
+
 import keras
 import numpy as np
 import pytest
@@ -222,3 +225,24 @@ class RetrainInputsTest(RetrainData, TestCase):
         self.assertAllClose(
             weighted, 0.5 * np.array(results["first half"][:len(weighted)]),
             rtol=1e-5)
+
+    def test_one_early_stopping_and_its_messages_once(self):
+        with self.assertRaisesRegex(ValueError, "has 2 .*'val_loss', 'loss'"):
+            self.fit(self.model(), [
+                EarlyStopping(), EarlyStopping(monitor="loss"),
+                RetrainOnFullData(self.x_full, self.y_full, batch_size=16)])
+        # Keras's EarlyStopping beside kreg's is fine.
+        stop = EarlyStopping(patience=2, restore_best_weights=True,
+                             verbose=1)
+        retrain = RetrainOnFullData(self.x_full, self.y_full, batch_size=16)
+        for order in ("stop first", "retrain first"):
+            with self.subTest(order):
+                out = io.StringIO()
+                callbacks = [stop, retrain, keras.callbacks.EarlyStopping(
+                    monitor="loss", patience=50)]
+                if order == "retrain first":
+                    callbacks = callbacks[::-1]
+                with contextlib.redirect_stdout(out):
+                    self.fit(self.model(), callbacks)
+                self.assertEqual(out.getvalue().count("early stopping"), 1)
+                self.assertEqual(out.getvalue().count("Restoring model"), 1)
