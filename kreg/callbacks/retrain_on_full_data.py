@@ -1,9 +1,12 @@
 """Second phase of early stopping: retrain on training + validation data."""
 
 import collections.abc
+import contextlib
 import math
 import os
+import random
 import shutil
+import sys
 import warnings
 
 import keras
@@ -565,6 +568,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
         counts of array data, then one batch through the test step."""
         if not _is_dataset(self.x):
             self._check_arrays()
+        with _random_state_kept(self.model):
+            self._check_first_batch()
+
+    def _check_first_batch(self):
         try:
             batch = self._first_batch()
         except Exception as error:
@@ -794,6 +801,29 @@ def _columns(rows):
     for _, row in rows:
         keys += [k for k in row if k not in keys]
     return {k: [row.get(k, math.nan) for _, row in rows] for k in keys}
+
+
+@contextlib.contextmanager
+def _random_state_kept(model):
+    """Leaves the model's non-trainable variables (random-seed states
+    among them: a dropout active at inference draws in the test step) and
+    the global random generators (NumPy, Python, PyTorch's: a DataLoader
+    iterator draws its seed there) as they were: the check does not change
+    phase 1."""
+    values = [keras.ops.convert_to_numpy(v.value)
+              for v in model.non_trainable_variables]
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    torch = sys.modules.get("torch")
+    torch_state = None if torch is None else torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.non_trainable_variables, values):
+            variable.assign(value)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        if torch_state is not None:
+            torch.random.set_rng_state(torch_state)
 
 
 _INFINITE = -1  # tf.data.INFINITE_CARDINALITY

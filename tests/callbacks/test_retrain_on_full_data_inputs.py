@@ -246,3 +246,43 @@ class RetrainInputsTest(RetrainData, TestCase):
                     self.fit(self.model(), callbacks)
                 self.assertEqual(out.getvalue().count("early stopping"), 1)
                 self.assertEqual(out.getvalue().count("Restoring model"), 1)
+
+    def test_the_data_check_leaves_phase_1_alone(self):
+        # The check runs a batch through the test step (a dropout active at
+        # inference draws random numbers there) and takes a batch of the
+        # data (a DataLoader's iterator draws its seed from PyTorch's
+        # global generator): phase 1 must run as it would without it.
+        import kreg
+
+        def model():
+            keras.utils.set_random_seed(3)
+            model = keras.Sequential([
+                keras.Input((3,)), keras.layers.Dense(8),
+                kreg.layers.Dropout(0.3, seed=4, mc=True),
+                keras.layers.Dense(1)])
+            model.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse")
+            return model
+
+        full = [(self.x_full, self.y_full)]
+        if keras.backend.backend() == "torch":
+            import torch
+
+            full.append((torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(
+                    torch.tensor(self.x_full), torch.tensor(self.y_full)),
+                batch_size=16), None))
+        for x, y in full:
+            with self.subTest(type(x).__name__):
+                keras.utils.set_random_seed(7)
+                alone = model().fit(
+                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                    validation_data=(self.xv, self.yv)).history
+                keras.utils.set_random_seed(7)
+                both = model().fit(
+                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                    validation_data=(self.xv, self.yv), callbacks=[
+                        EarlyStopping(patience=5),
+                        RetrainOnFullData(x, y, batch_size=16)]).history
+                for key in ("loss", "val_loss"):
+                    self.assertAllClose(both[key][:3], alone[key],
+                                        rtol=1e-6)
