@@ -29,6 +29,11 @@ def register(callback, role):
         entries = _REGISTRY.setdefault(callback.model, {})
     except TypeError:  # a model that cannot be weakly referenced
         return
+    if not callback.params:
+        # A CallbackList built without params (passed to `fit` as is): no
+        # way to tell this fit's callbacks from an earlier fit's.
+        entries[role] = [callback]
+        return
     entries[role] = [
         other for other in entries.get(role, [])
         if other is not callback and other.params is callback.params

@@ -512,8 +512,7 @@ class EMA(keras.callbacks.Callback):
         self._backup = None
 
     def _swap_for_inference(self, wanted):
-        if (wanted and self._shadows is not None
-                and self.model is not self._built_for[0]):
+        if wanted and self._shadows is not None and not self._shares_weights():
             raise ValueError(
                 "This EMA averages the weights of the model it was fit "
                 f"with ({self._built_for[0].name!r}), not those of "
@@ -527,6 +526,14 @@ class EMA(keras.callbacks.Callback):
         )
         if self._swapped_for_inference:
             self.swap_in()
+
+    def _shares_weights(self):
+        """Whether `self.model` holds any weight this EMA averages (the
+        model it was fit with, or one sharing its layers)."""
+        if self.model is self._built_for[0]:
+            return True
+        ids = {id(v) for v in self.model.variables}
+        return any(id(t) in ids for t in self._targets)
 
     def _end_interrupted_inference(self):
         """A `predict`/`evaluate` outside `fit` that raised never reached

@@ -572,19 +572,22 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._check_first_batch()
 
     def _check_first_batch(self):
+        # Through `evaluate` (one batch), so that Keras's data adapters
+        # take any data `fit` takes (sparse tensors, a distributed
+        # dataset, a DataLoader on another backend).
         try:
-            batch = self._first_batch()
-        except Exception as error:
-            raise ValueError(
-                "RetrainOnFullData: cannot take a batch of the full data "
-                f"`x` ({type(error).__name__}: {error})."
-            ) from error
-        if batch is None:
-            raise ValueError(
-                "RetrainOnFullData: the full data `x` holds no batch."
-            )
-        try:
-            self.model.test_on_batch(*batch)
+            if _is_dataset(self.x):
+                self.model.evaluate(self.x, steps=1, verbose=0)
+            else:
+                size = self.batch_size or 32
+
+                def head(data):
+                    return None if data is None else keras.tree.map_structure(
+                        lambda a: a[:size], data)
+
+                self.model.evaluate(head(self.x), head(self.y),
+                                    sample_weight=head(self.sample_weight),
+                                    batch_size=size, verbose=0)
         except Exception as error:
             raise ValueError(
                 "RetrainOnFullData: the full data does not fit the model: a "
@@ -635,35 +638,6 @@ class RetrainOnFullData(keras.callbacks.Callback):
                     f"model's input: samples of shape {got}, the model "
                     f"expects {want}."
                 )
-
-    def _first_batch(self):
-        """``(x, y, sample_weight)`` of the full data's first batch (NumPy
-        for array data and tf.data), or None when it is empty."""
-        if not _is_dataset(self.x):
-            size = self.batch_size or 32
-
-            def head(data):
-                return keras.tree.map_structure(lambda a: a[:size], data)
-
-            return (head(self.x), head(self.y),
-                    None if self.sample_weight is None
-                    else head(self.sample_weight))
-        if hasattr(self.x, "element_spec"):  # tf.data
-            element = next(iter(self.x.take(1)), None)
-            if element is None:
-                return None
-            element = keras.tree.map_structure(np.asarray, element)
-        elif isinstance(self.x, keras.utils.PyDataset):
-            if self.x.num_batches == 0:
-                return None
-            element = self.x[0]
-        else:
-            element = next(iter(self.x), None)
-            if element is None:
-                return None
-        if not isinstance(element, (tuple, list)):
-            element = (element,)
-        return keras.utils.unpack_x_y_sample_weight(tuple(element))
 
     def _full_steps(self):
         if self.steps_per_epoch is not None:

@@ -182,11 +182,18 @@ class EMATest(TestCase):
 
     def test_another_models_predict_is_refused(self):
         model = self.model()
-        ema = EMA(decay=0.9)
+        ema = EMA(decay=0.9, keep_averaged=False)
         self.fit(model, [ema], validation=False)
         other = self.model()
         with self.assertRaisesRegex(ValueError, "averages the weights of"):
             other.predict(self.xv, verbose=0, callbacks=[ema])
+        # A model sharing the fitted model's layers shares its weights:
+        # it predicts with the averaged ones.
+        features = keras.Model(model.inputs, model.layers[0].output)
+        with ema.averaged_weights():
+            expected = features.predict(self.xv, verbose=0)
+        self.assertAllClose(
+            features.predict(self.xv, verbose=0, callbacks=[ema]), expected)
 
     def test_steps_per_execution(self):
         # Several steps per compiled call (callbacks see every third
