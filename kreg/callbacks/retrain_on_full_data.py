@@ -649,11 +649,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
             if cardinality is None and hasattr(self.x, "__len__"):
                 cardinality = len(self.x)  # e.g. a DataLoader
             return cardinality if cardinality and cardinality > 0 else None
-        first = self.x
-        if isinstance(first, dict):
-            first = list(first.values())[0]
-        elif isinstance(first, (list, tuple)):
-            first = first[0]
+        # Every array holds the same number of samples (`_check_arrays`).
+        first = keras.tree.flatten(self.x)[0]
         return math.ceil(np.shape(first)[0] / (self.batch_size or 32))
 
     def get_config(self):
