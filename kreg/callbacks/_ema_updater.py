@@ -5,6 +5,8 @@ one compiled call per step (a CUDA graph replay on PyTorch with CUDA)."""
 import keras
 import numpy as np
 
+from kreg.callbacks._bulk_variables import BulkVariables
+
 
 def copy_value(value):
     """A copy that owns its buffer (JAX train steps donate their inputs)."""
@@ -194,6 +196,9 @@ class Updater:
         self.config = config
         self.iterations = iterations  # the variable of `step_counter`
         self.backend = keras.backend.backend()
+        # Bulk reads and writes (`restart`; the EMA's swaps).
+        self.target_group = BulkVariables(targets)
+        self.shadow_group = BulkVariables(shadows)
         self._fused = None  # (model, original, wrapper) while fused
         self._fused_cache = None  # (original train function, fused one)
         self._armed = False
@@ -619,10 +624,7 @@ class Updater:
         an assignment per weight and two small transfers."""
         if self.backend != "jax":
             self._host = None
-            for shadow, value in zip(
-                self.shadows, copies([t.value for t in self.targets])
-            ):
-                shadow.assign(value)
+            self.shadow_group.assign(self.target_group.copies())
             self.count.assign(0)
             self.last.assign(copy_value(self.iterations.value))
             return

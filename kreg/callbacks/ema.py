@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.callbacks._ema_updater import (Updater, copies, copy_value,
+from kreg.callbacks._ema_updater import (Updater, copy_value,
                                          fusable, step_counter)
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
@@ -232,10 +232,9 @@ class EMA(keras.callbacks.Callback):
         if self._averaged_in_model:
             return
         self._flush()
-        self._backup = copies([v.value for v in self._targets])
-        averaged = copies([s.value for s in self._shadows])
-        for target, value in zip(self._targets, averaged):
-            target.assign(value)
+        updater = self._updater
+        self._backup = updater.target_group.copies()
+        updater.target_group.assign(updater.shadow_group.copies())
         self._averaged_in_model = True
         self._swapped_in = self._values()
 
@@ -244,8 +243,7 @@ class EMA(keras.callbacks.Callback):
         if not self._averaged_in_model:
             return
         if self._backup is not None:
-            for target, value in zip(self._targets, self._backup):
-                target.assign(value)
+            self._updater.target_group.assign(self._backup)
         self._backup = None
         self._averaged_in_model = False
 
@@ -500,10 +498,7 @@ class EMA(keras.callbacks.Callback):
             # JAX arrays are immutable: the very arrays swapped in are
             # still there (no comparison on the device, no host read).
             return True
-        ops = keras.ops
-        equal = [ops.all(ops.equal(t.value, s.value))
-                 for t, s in zip(self._targets, self._shadows)]
-        return bool(ops.all(ops.stack(equal)))  # one read on the host
+        return self._updater.target_group.equals(self._updater.shadow_group)
 
     def _weights_restored_by_early_stopping(self):
         """EarlyStopping put the best (averaged) weights in: keep them."""
