@@ -21,7 +21,7 @@ def _tf_distributed(variables):
 
 class BulkVariables:
     """A fixed list of variables: `copies()`, `assign(values)`,
-    `equals(other)`.
+    `assign_from(other)`, `exchange(other)`, `equals(other)`.
 
     TensorFlow: each is one `tf.function` call that captures the variables
     (Keras variables cannot be arguments of a tf.function, and a trace
@@ -72,6 +72,25 @@ class BulkVariables:
         for variable, value in zip(self.variables, values):
             variable.assign(value)
 
+    def assign_from(self, other):
+        """Puts copies of `other`'s values (a `BulkVariables` of the same
+        shapes) into these variables."""
+        if self._compiled and other._compiled:
+            key = ("assign_from", id(other))
+            self._tf(key, lambda: self._tf_assign(other.values()))()
+            return
+        self.assign(other.copies())
+
+    def exchange(self, other):
+        """Puts `other`'s values (a `BulkVariables` of the same shapes) into
+        these variables; returns copies of the values they held."""
+        if self._compiled and other._compiled:
+            key = ("exchange", id(other))
+            return self._tf(key, lambda: self._tf_exchange(other))()
+        previous = self.copies()
+        self.assign(other.copies())
+        return previous
+
     def equals(self, other):
         """Whether every variable holds the same value as its partner in
         `other` (a `BulkVariables` of the same shapes); one host read."""
@@ -102,6 +121,12 @@ class BulkVariables:
     def _tf_assign(self, values):
         for variable, value in zip(self.variables, values):
             variable.assign(value)
+
+    def _tf_exchange(self, other):
+        previous = self._tf_copies()
+        for variable, value in zip(self.variables, other.values()):
+            variable.assign(value)
+        return previous
 
     def _tf_equals(self, other):
         return _all_equal(self.values(), other.values())

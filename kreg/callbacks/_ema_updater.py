@@ -624,7 +624,7 @@ class Updater:
         an assignment per weight and two small transfers."""
         if self.backend != "jax":
             self._host = None
-            self.shadow_group.assign(self.target_group.copies())
+            self.shadow_group.assign_from(self.target_group)
             self.count.assign(0)
             self.last.assign(copy_value(self.iterations.value))
             return

@@ -233,8 +233,7 @@ class EMA(keras.callbacks.Callback):
             return
         self._flush()
         updater = self._updater
-        self._backup = updater.target_group.copies()
-        updater.target_group.assign(updater.shadow_group.copies())
+        self._backup = updater.target_group.exchange(updater.shadow_group)
         self._averaged_in_model = True
         self._swapped_in = self._values()
 

@@ -39,6 +39,29 @@ class BulkVariablesTest(TestCase):
         for value, expected in zip(numpy_values(group), before):
             self.assertAllClose(value, expected)
 
+    def test_exchange_and_assign_from(self):
+        first, second = BulkVariables(variables(8)), BulkVariables(
+            variables(9))
+        first_values, second_values = numpy_values(first), numpy_values(
+            second)
+        previous = first.exchange(second)
+        for value, expected in zip(previous, first_values):
+            self.assertAllClose(keras.ops.convert_to_numpy(value), expected)
+        for value, expected in zip(numpy_values(first), second_values):
+            self.assertAllClose(value, expected)
+        # The exchanged-in values are copies: changing `second` leaves
+        # `first` alone.
+        second.assign([np.zeros(s, "float32") for s in SHAPES])
+        for value, expected in zip(numpy_values(first), second_values):
+            self.assertAllClose(value, expected)
+        second.assign_from(first)
+        self.assertTrue(second.equals(first))
+        first.assign(previous)
+        for value, expected in zip(numpy_values(second), second_values):
+            self.assertAllClose(value, expected)
+        for value, expected in zip(numpy_values(first), first_values):
+            self.assertAllClose(value, expected)
+
     def test_groups_of_equal_shapes_stay_apart(self):
         # A compiled function per group: one traced for a group must not
         # read or write another group's variables of the same shapes.
