@@ -41,6 +41,12 @@ class BulkVariables:
         )
         self._functions = {}
 
+    @property
+    def compiled(self):
+        """Whether the operations are compiled calls (TensorFlow, not
+        distributed)."""
+        return self._compiled
+
     def __len__(self):
         return len(self.variables)
 

@@ -57,6 +57,15 @@ def copies(values):
     return _jax_jitted(_copy_all)(list(values))
 
 
+def _tf_flat(values, dtype):
+    """The values raveled (and cast to `dtype`) into one flat tensor."""
+    import tensorflow as tf
+
+    return tf.concat(
+        [tf.reshape(tf.cast(x, dtype), [-1]) for x in values], axis=0
+    )
+
+
 def _packed(values):
     """The values raveled into one new flat array (JAX, one compiled call),
     as the one-element list the update takes."""
@@ -205,14 +214,27 @@ class Updater:
         if self.backend == "tensorflow":
             import tensorflow as tf
 
+            self._tf_packed = self._tf_packed_shadow()
+            self._tf_packed_stale = True  # packed from `shadows` when due
+
             def update():
+                if self._tf_packed is None:
+                    current = [s.value for s in shadows]
+                    weights = [t.value for t in targets]
+                else:
+                    current = [self._tf_packed.value]
+                    weights = [_tf_flat(
+                        [t.value for t in targets], self._tf_packed.dtype
+                    )]
                 new, count, last = _ema_math(
-                    [s.value for s in shadows], [t.value for t in targets],
-                    self.count.value, self.last.value,
+                    current, weights, self.count.value, self.last.value,
                     self.iterations.value, config,
                 )
-                for shadow, value in zip(shadows, new):
-                    shadow.assign(value)
+                if self._tf_packed is None:
+                    for shadow, value in zip(shadows, new):
+                        shadow.assign(value)
+                else:
+                    self._tf_packed.assign(new[0])
                 self.count.assign(count)
                 self.last.assign(last)
 
@@ -254,6 +276,65 @@ class Updater:
             self.update = self._eager_update
 
     # TensorFlow ---------------------------------------------------------
+    def _tf_packed_shadow(self):
+        """One flat variable holding all shadows between flushes, or None.
+
+        Each variable the update reads and writes costs TensorFlow's graph
+        executor a few microseconds beyond its arithmetic: one flat
+        shadow, updated from the weights concatenated, takes the update of
+        a 24-layer MLP with batch normalization (98 weights, 0.49M values)
+        from ~1.0 to ~0.7 ms per step on 2 CPU cores. Needs one dtype and
+        no distribution (a concatenation of mirrored or sharded weights
+        would gather them); `flush` writes it into the shadow variables.
+        """
+        dtypes = {str(s.dtype) for s in self.shadows}
+        if (len(self.shadows) < 2 or len(dtypes) != 1
+                or not self.shadow_group.compiled):
+            return None
+        size = sum(int(np.prod(s.shape)) for s in self.shadows)
+        return keras.Variable(
+            np.zeros((size,), dtypes.pop()), trainable=False,
+            name="ema_packed_shadow",
+        )
+
+    def _tf_pack(self):
+        """The shadow variables into the packed one (after they were
+        written: `restart`, `shadows_assigned`)."""
+        if self._tf_packed is None or not self._tf_packed_stale:
+            return
+        if not hasattr(self, "_tf_pack_function"):
+            import tensorflow as tf
+
+            def pack():
+                self._tf_packed.assign(_tf_flat(
+                    [s.value for s in self.shadows], self._tf_packed.dtype
+                ))
+
+            def unpack():
+                flat, offset = self._tf_packed.value, 0
+                for shadow in self.shadows:
+                    size = int(np.prod(shadow.shape))
+                    shadow.assign(tf.reshape(flat[offset:offset + size],
+                                             shadow.shape))
+                    offset += size
+
+            self._tf_pack_function = tf.function(pack, autograph=False)
+            self._tf_unpack_function = tf.function(unpack, autograph=False)
+        self._tf_pack_function()
+        self._tf_packed_stale = False
+
+    def _tf_unpack(self):
+        if self._tf_packed is not None and not self._tf_packed_stale:
+            self._tf_unpack_function()
+
+    def shadows_assigned(self):
+        """The shadow variables were written from outside (`set_state`):
+        the next update starts from them."""
+        if self.backend == "tensorflow":
+            self._tf_packed_stale = True
+        elif self.backend == "jax":
+            self._arrays = None
+
     def _tf_first_update(self):
         try:
             self._tf_xla()
@@ -611,6 +692,8 @@ class Updater:
         self.last.assign(last)
 
     def __call__(self):
+        if self.backend == "tensorflow":
+            self._tf_pack()
         if self._fused is not None:
             # The train step itself updates the shadow; let it, once.
             self._armed = True
@@ -625,6 +708,8 @@ class Updater:
         if self.backend != "jax":
             self._host = None
             self.shadow_group.assign_from(self.target_group)
+            if self.backend == "tensorflow":
+                self._tf_packed_stale = True
             self.count.assign(0)
             self.last.assign(copy_value(self.iterations.value))
             return
@@ -636,8 +721,12 @@ class Updater:
     def flush(self, fold_in=True):
         """Brings pending updates into the shadow variables; with
         `fold_in`, the optimizer step taken since the last update too."""
+        if self.backend == "tensorflow":
+            self._tf_pack()
         if self._fused is None and fold_in:
             self.update()
+        if self.backend == "tensorflow":
+            self._tf_unpack()
         if self.backend == "jax" and self._arrays is not None:
             shadows, count, last = self._arrays
             shadows = self._jax_shadow_values(shadows)

@@ -305,6 +305,7 @@ class EMA(keras.callbacks.Callback):
                     f"{tuple(np.shape(value))}."
                 )
             variable.assign(value)
+        self._updater.shadows_assigned()
         self._count.assign(int(state["steps"]))
 
     # Callback hooks --------------------------------------------------------
