@@ -110,6 +110,29 @@ class EMATest(TestCase):
                                   record.after_batch[-1]):
                     self.assertAllClose(w, raw)
 
+    def test_packed_and_separate_shadows(self):
+        # On TensorFlow the small shadows are kept in one flat variable
+        # between flushes, weights of more than `_TF_PACK_LIMIT` values
+        # apart. Limits: all apart (0), the two biases packed and the two
+        # kernels apart (8), all packed (default).
+        for limit in (0, 8, Updater._TF_PACK_LIMIT):
+            with self.subTest(limit=limit), mock.patch.object(
+                    Updater, "_TF_PACK_LIMIT", limit):
+                model = self.model(bn=True)
+                record = RecordBatchWeights()
+                ema = EMA(decay=0.8, keep_averaged=False)
+                self.fit(model, [record, ema])
+                packed = getattr(ema._updater, "_tf_packed", None)
+                if keras.backend.backend() == "tensorflow":
+                    self.assertEqual(packed is None, limit == 0)
+                expected = numpy_ema(record.initial, record.after_batch, 0.8)
+                for s, e in zip(ema.shadow_variables, expected):
+                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+                # The validation used the averaged weights.
+                with ema.averaged_weights():
+                    for w, e in zip(model.trainable_variables, expected):
+                        self.assertAllClose(w, e, atol=1e-5, rtol=1e-5)
+
     def test_gradient_accumulation(self):
         # SGD(gradient_accumulation_steps=3): the weights change at every
         # third batch, and only those steps are averaged.
