@@ -47,9 +47,6 @@ class BulkVariables:
         distributed)."""
         return self._compiled
 
-    def __len__(self):
-        return len(self.variables)
-
     def values(self):
         """The variables' current values (no copies)."""
         return [v.value for v in self.variables]

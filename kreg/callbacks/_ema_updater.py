@@ -324,9 +324,8 @@ class Updater:
                 or not self.shadow_group.compiled):
             return None
         self._tf_small_indices = small
-        self._tf_unpacked_indices = [
-            i for i in range(len(self.shadows)) if i not in set(small)
-        ]
+        self._tf_unpacked_indices = sorted(
+            set(range(len(self.shadows))) - set(small))
         size = sum(int(np.prod(self.shadows[i].shape)) for i in small)
         return keras.Variable(
             np.zeros((size,), dtypes.pop()), trainable=False,
@@ -368,8 +367,8 @@ class Updater:
             self._tf_unpack_function()
 
     def shadows_assigned(self):
-        """The shadow variables were written from outside (`set_state`):
-        the next update starts from them."""
+        """The shadow variables were written (`restart`, `set_state`): the
+        next update starts from them."""
         if self.backend == "tensorflow":
             self._tf_packed_stale = True
         elif self.backend == "jax":
@@ -748,8 +747,7 @@ class Updater:
         if self.backend != "jax":
             self._host = None
             self.shadow_group.assign_from(self.target_group)
-            if self.backend == "tensorflow":
-                self._tf_packed_stale = True
+            self.shadows_assigned()
             self.count.assign(0)
             self.last.assign(copy_value(self.iterations.value))
             return
