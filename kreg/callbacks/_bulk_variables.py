@@ -10,6 +10,38 @@ operation on the whole list is one compiled call.
 import keras
 
 
+def copy_value(value):
+    """A copy that owns its buffer (JAX train steps donate their inputs)."""
+    return keras.ops.copy(value)
+
+
+_JAX_JITTED = {}
+
+
+def _jax_jitted(function, **jit_kwargs):
+    """`jax.jit(function)`, made once per process (small helpers are
+    traced once per set of shapes, not once per call site)."""
+    if function not in _JAX_JITTED:
+        import jax
+
+        _JAX_JITTED[function] = jax.jit(function, **jit_kwargs)
+    return _JAX_JITTED[function]
+
+
+def _copy_all(values):
+    import jax.numpy as jnp
+
+    return [jnp.copy(x) for x in values]
+
+
+def copies(values):
+    """`copy_value` of each value; on JAX one compiled call for all of them
+    (an eager copy per weight is one dispatch each, at every swap)."""
+    if keras.backend.backend() != "jax":
+        return [copy_value(v) for v in values]
+    return _jax_jitted(_copy_all)(list(values))
+
+
 def _tf_distributed(variables):
     import tensorflow as tf
 
@@ -56,11 +88,7 @@ class BulkVariables:
         steps donate their inputs; TensorFlow reads are snapshots)."""
         if self._compiled:
             return self._tf("copies", self._tf_copies)()
-        if self.backend == "jax":
-            from kreg.callbacks._ema_updater import copies
-
-            return copies(self.values())
-        return [keras.ops.copy(v) for v in self.values()]
+        return copies(self.values())
 
     def assign(self, values):
         """Assigns each value to its variable."""
@@ -101,8 +129,6 @@ class BulkVariables:
             key = ("equals", id(other))
             equal = self._tf(key, lambda: self._tf_equals(other))()
         elif self.backend == "jax":
-            from kreg.callbacks._ema_updater import _jax_jitted
-
             equal = _jax_jitted(_all_equal)(self.values(), other.values())
         else:
             equal = _all_equal(self.values(), other.values())

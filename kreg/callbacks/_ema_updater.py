@@ -5,12 +5,13 @@ one compiled call per step (a CUDA graph replay on PyTorch with CUDA)."""
 import keras
 import numpy as np
 
-from kreg.callbacks._bulk_variables import BulkVariables
-
-
-def copy_value(value):
-    """A copy that owns its buffer (JAX train steps donate their inputs)."""
-    return keras.ops.copy(value)
+from kreg.callbacks._bulk_variables import (
+    BulkVariables,
+    _copy_all,
+    _jax_jitted,
+    copies,
+    copy_value,
+)
 
 
 def _torch_tensor(variable):
@@ -21,25 +22,6 @@ def _torch_tensor(variable):
     return variable.value if tensor is None else tensor
 
 
-_JAX_JITTED = {}
-
-
-def _jax_jitted(function, **jit_kwargs):
-    """`jax.jit(function)`, made once per process (the small helpers below
-    are traced once per set of shapes, not once per call site)."""
-    if function not in _JAX_JITTED:
-        import jax
-
-        _JAX_JITTED[function] = jax.jit(function, **jit_kwargs)
-    return _JAX_JITTED[function]
-
-
-def _copy_all(values):
-    import jax.numpy as jnp
-
-    return [jnp.copy(x) for x in values]
-
-
 def _flat(values, dtype=None):
     """The values raveled (and cast to `dtype`) into one flat array."""
     import jax.numpy as jnp
@@ -47,14 +29,6 @@ def _flat(values, dtype=None):
     return jnp.concatenate(
         [jnp.ravel(x).astype(dtype or x.dtype) for x in values]
     )
-
-
-def copies(values):
-    """`copy_value` of each value; on JAX one compiled call for all of them
-    (an eager copy per weight is one dispatch each, at every swap)."""
-    if keras.backend.backend() != "jax":
-        return [copy_value(v) for v in values]
-    return _jax_jitted(_copy_all)(list(values))
 
 
 def _tf_flat(values, dtype):

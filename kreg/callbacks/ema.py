@@ -7,8 +7,8 @@ import keras
 import numpy as np
 
 from kreg.callbacks import _shared
-from kreg.callbacks._ema_updater import (Updater, copy_value,
-                                         fusable, step_counter)
+from kreg.callbacks._bulk_variables import copy_value
+from kreg.callbacks._ema_updater import Updater, fusable, step_counter
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 
