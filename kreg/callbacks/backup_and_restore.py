@@ -2,7 +2,8 @@
 
 import keras
 
-from kreg.callbacks import _shared
+from kreg.callbacks import _registry as registry
+from kreg import _keras_private as keras_private
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -43,8 +44,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         # set_model and before any hook: the other callbacks of this fit
         # find the folder from their on_train_begin on.
         super().set_params(params)
-        _shared.register(self, "backup_and_restore")
+        registry.register(self, "backup_and_restore")
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
-        _shared.forget_resumed_epoch(self.model)
+        keras_private.forget_resumed_epoch(self.model)

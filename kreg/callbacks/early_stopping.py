@@ -6,7 +6,8 @@ import warnings
 import keras
 import numpy as np
 
-from kreg.callbacks import _shared
+from kreg.callbacks import _registry as registry
+from kreg.callbacks import _state_files as state_files
 from kreg.utils.validation import check_optional_path
 from kreg.utils.validation import check_bool, check_number
 from kreg.utils.validation import check_one_of
@@ -187,7 +188,7 @@ class EarlyStopping(keras.callbacks.Callback):
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
         state["epoch"] = epoch
-        _shared.save_state(folder, self._state_name, state, weights or [])
+        state_files.save_state(folder, self._state_name, state, weights or [])
 
     def _set_saved_state(self, loaded):
         """Restores ``(numbers, arrays)`` written by `_save_state`; False
@@ -207,23 +208,23 @@ class EarlyStopping(keras.callbacks.Callback):
         # Beside kreg's ModelCheckpoint files, once the epoch is counted.
         # (A file saved in the middle of an epoch gets the state the epoch
         # began with: the resumed fit runs that epoch again.)
-        self._checkpoint_writes = _shared.CheckpointWrites(
+        self._checkpoint_writes = state_files.CheckpointWrites(
             lambda folder, epoch, at_epoch_end: self._save_state(
                 folder, epoch + 1 if at_epoch_end else epoch))
-        _shared.register(self, "early_stopping")
+        registry.register(self, "early_stopping")
         # Several EarlyStopping callbacks in one fit keep their states apart
         # (by their order in the callback list).
-        self._state_name = _shared.state_name(self, "early_stopping",
+        self._state_name = registry.state_name(self, "early_stopping",
                                               _STATE_NAME)
-        self._backup_folder = _shared.backup_folder(self, self.backup_dir)
+        self._backup_folder = registry.backup_folder(self, self.backup_dir)
         self._saved_epoch = None
         self._first_epoch_seen = False
         loaded = False
         if self._backup_folder is not None:
             loaded = self._set_saved_state(
-                _shared.load_state(self._backup_folder, self._state_name))
+                state_files.load_state(self._backup_folder, self._state_name))
         if not loaded and self.resume_from is not None:
-            self._set_saved_state(_shared.load_checkpoint_state(
+            self._set_saved_state(state_files.load_checkpoint_state(
                 self.resume_from, self._state_name, "EarlyStopping"))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -267,10 +268,10 @@ class EarlyStopping(keras.callbacks.Callback):
                     f"{self.best_epoch + 1}."
                 )
             self.model.set_weights(self.best_weights)
-            for ema in _shared.lookup_all(self, "ema"):
+            for ema in registry.lookup_all(self, "ema"):
                 ema._weights_restored_by_early_stopping()
         if self._backup_folder is not None:
-            _shared.delete_state(self._backup_folder, self._state_name)
+            state_files.delete_state(self._backup_folder, self._state_name)
 
     # Internals -----------------------------------------------------------
     def _update(self, epoch, current):
@@ -302,11 +303,11 @@ class EarlyStopping(keras.callbacks.Callback):
 
     def _weights_to_keep(self):
         """The weights that produced the monitored value."""
-        emas = _shared.lookup_all(self, "ema")
+        emas = registry.lookup_all(self, "ema")
         # At most one of them validates with its averaged weights.
         ema = next((e for e in emas if e.validate_with_averaged),
                    emas[0] if emas else None)
-        if ema is None or ema._shadows is None:
+        if ema is None or not ema.shadow_variables:
             return self.model.get_weights()
         if self.monitor.startswith("val_") and ema.validate_with_averaged:
             return ema.averaged_model_weights()

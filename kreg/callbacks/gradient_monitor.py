@@ -1,4 +1,4 @@
-"""GradientMonitor: gradient health of a ClippedOptimizer in the fit logs."""
+"""GradientMonitor: gradient health in the fit logs, with any optimizer."""
 
 import math
 import warnings
@@ -7,18 +7,8 @@ import keras
 import numpy as np
 
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
+from kreg.optimizers.optimizer_wrapper import install
 from kreg.utils.validation import check_bool, check_number
-
-
-def find_clipped_optimizer(optimizer):
-    """The `ClippedOptimizer` in `optimizer`'s chain of wrappers, or None."""
-    seen = 0
-    while optimizer is not None and seen < 16:
-        if isinstance(optimizer, ClippedOptimizer):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-        seen += 1
-    return None
 
 
 def _value(variable):
@@ -29,16 +19,20 @@ def _value(variable):
 class GradientMonitor(keras.callbacks.Callback):
     """Puts gradient health into the `fit` logs and flags bad layers.
 
-    Reads the statistics that a `kreg.optimizers.ClippedOptimizer` keeps
-    inside the compiled train step (no extra gradient computation), so the
-    model must be compiled with one - `ClippedOptimizer(Adam())` without any
-    clipping argument only measures (and skips non-finite steps).
+    Works with any optimizer. It reads the statistics that a
+    `kreg.optimizers.ClippedOptimizer` keeps inside the compiled train step
+    (no extra gradient computation): the model's own one if it has one,
+    else a measuring one (``on_non_finite="apply"``, no clipping) that the
+    callback puts around the model's optimizer once and leaves there, so
+    that later fits reuse the compiled step; the optimizer's updates are
+    unchanged.
 
     Epoch logs (seen by History, TensorBoard, and callbacks listed after
     this one): `grad_norm`, the mean pre-clip global gradient norm
-    `G = sqrt(sum_i ||g_i||^2)` over the epoch's applied steps;
-    `clipped_steps` and `skipped_steps`, how many steps of the epoch were
-    clipped or skipped (non-finite gradients). No batch-level logs: writing
+    `G = sqrt(sum_i ||g_i||^2)` over the epoch's applied steps; with the
+    model's own `ClippedOptimizer` also `clipped_steps` and
+    `skipped_steps`, how many steps of the epoch were clipped or skipped
+    (non-finite gradients). No batch-level logs: writing
     them needs `on_train_batch_end`, which makes Keras synchronise with the
     device after every step.
 
@@ -73,14 +67,10 @@ class GradientMonitor(keras.callbacks.Callback):
     Example:
 
     ```python
-    model.compile(
-        optimizer=kreg.optimizers.ClippedOptimizer(
-            keras.optimizers.Adam(), global_clipnorm=1.0
-        ),
-        loss="mse",
-    )
-    history = model.fit(x, y, callbacks=[kreg.callbacks.GradientMonitor()])
-    history.history["grad_norm"], history.history["clipped_steps"]
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = kreg.callbacks.GradientMonitor(frequency=10)
+    history = model.fit(x, y, epochs=5, callbacks=[monitor])
+    history.history["grad_norm"], monitor.layer_norms
     ```
     """
 
@@ -125,20 +115,20 @@ class GradientMonitor(keras.callbacks.Callback):
             "warn": self.warn,
         }
 
-    # Reading the optimizer -------------------------------------------------
-    def _optimizer(self):
-        optimizer = find_clipped_optimizer(
-            getattr(self.model, "optimizer", None)
-        )
-        if optimizer is None:
-            raise ValueError(
-                "GradientMonitor reads the statistics of a "
-                "`kreg.optimizers.ClippedOptimizer`; compile the model with "
-                "one (e.g. `ClippedOptimizer(keras.optimizers.Adam())`, "
-                "which only measures). Received: optimizer="
-                f"{getattr(self.model, 'optimizer', None)!r}"
-            )
-        return optimizer
+    # Reading the optimizer -----------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        if getattr(model, "optimizer", None) is not None:
+            # Before any on_train_begin (see kreg.callbacks.EMA).
+            self._optimizer(model)
+
+    @staticmethod
+    def _optimizer(model):
+        """The model's ClippedOptimizer, or a measuring one put around its
+        optimizer."""
+        return install(
+            model, ClippedOptimizer,
+            lambda inner: ClippedOptimizer(inner, on_non_finite="apply"))
 
     def _counters(self):
         opt = self._clipped
@@ -153,7 +143,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # Callback hooks ---------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self._clipped = self._optimizer()
+        self._clipped = self._optimizer(self.model)
         self._layers = None
         self._batches_seen = 0
         # XLA drops TensorFlow's in-graph assertion: check every batch.
@@ -197,8 +187,9 @@ class GradientMonitor(keras.callbacks.Callback):
         applied = (counters[3] - self._start[3]) - skipped
         norm_sum = counters[0] - self._start[0]
         logs["grad_norm"] = norm_sum / applied if applied else math.nan
-        logs["clipped_steps"] = clipped
-        logs["skipped_steps"] = skipped
+        if self._clipped.on_non_finite != "apply":
+            logs["clipped_steps"] = clipped
+            logs["skipped_steps"] = skipped
 
     # Helpers ----------------------------------------------------------------
     def _check_skipped(self, counters):
@@ -213,7 +204,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """Groups the optimizer's variables by layer: name -> indices."""
         if self._layers is None:
             groups = {}
-            for i, variable in enumerate(self._clipped._trainable_variables):
+            for i, variable in enumerate(self.model.trainable_variables):
                 path = getattr(variable, "path", variable.name)
                 layer = path.rsplit("/", 1)[0] if "/" in path else path
                 groups.setdefault(layer, []).append(i)

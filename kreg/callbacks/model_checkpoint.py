@@ -1,30 +1,24 @@
 """ModelCheckpoint: Keras's, plus kreg's callbacks' state beside each file."""
 
+import os
+
 import keras
 
-from kreg.callbacks import _shared
+from kreg.callbacks import _registry as registry
+from kreg.callbacks import _state_files as state_files
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """`keras.callbacks.ModelCheckpoint` that also saves kreg's callbacks'
     state.
 
-    With kreg's `EMA` in the same `fit`, each checkpoint file holds the
-    averaged weights (the model you keep: it loads into a plain model), and
-    a file cannot hold the raw weights, the shadow and the step count too.
-    This subclass writes those beside every file it saves, in the folder
-    ``<file>.kreg`` (files ``kreg_ema.*``), so that training can go on from
-    a checkpoint as from Keras's optimizer-based ``use_ema``: load the
-    file, and give the new `fit` an ``EMA(..., resume_from=<file>)``; it puts
-    back the raw weights and continues the average. Likewise kreg's
-    `EarlyStopping` (best value and epoch, wait counter, best weights;
-    ``EarlyStopping(..., resume_from=<file>)``), written once it has counted
-    the epoch, whatever the order of the callbacks, and kreg's
-    `RetrainOnFullData` (in phase 1: initial weights and optimizer values,
-    phase-1 logs; passed to its ``callbacks=``, in phase 2: the plan, the
-    phase-2 epoch and both phases' logs; ``RetrainOnFullData(...,
-    resume_from=<file>)``). The
-    folder is not deleted (the checkpoint is not either).
+    Beside every file it saves, in the folder ``<file>.kreg``, it writes
+    the state of kreg's callbacks in the same `fit`: the `EMA`'s shadow,
+    raw weights and step count (the file holds the averaged weights),
+    `EarlyStopping`'s best value, epoch, wait counter and best weights, and
+    `RetrainOnFullData`'s plan and logs. Their ``resume_from=<file>``
+    argument continues from it. The folder is not deleted (the checkpoint
+    is not either). Which state is written when: ``docs/callbacks.md``.
 
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,
     `save_weights_only`, `save_freq`, ...). Without kreg's callbacks in the
@@ -40,23 +34,55 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     >>> model.fit(x, y, initial_epoch=5, epochs=10, callbacks=[ema])
     """
 
-    def _should_save_model(self, epoch, batch, logs, filepath):
-        saving = super()._should_save_model(epoch, batch, logs, filepath)
-        self._saving_to = filepath if saving else None
-        return saving
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch
 
-    def _save_model(self, epoch, batch, logs):
-        self._saving_to = None
-        super()._save_model(epoch, batch, logs)
-        if self._saving_to is None:
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_freq == "epoch" or not self._has_states():
+            super().on_train_batch_end(batch, logs)
             return
-        folder = _shared.checkpoint_folder(self._saving_to)
-        ema = _shared.lookup(self, "ema")
-        if ema is not None and ema._shadows is not None:
-            ema._flush()
+        before = self._files()
+        super().on_train_batch_end(batch, logs)
+        self._write_states(before, self._epoch, False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._has_states():
+            super().on_epoch_end(epoch, logs)
+            return
+        before = self._files()
+        super().on_epoch_end(epoch, logs)
+        self._write_states(before, epoch, True)
+
+    def _has_states(self):
+        return any(registry.lookup(self, role) for role in
+                   ("ema", "early_stopping", "retrain_on_full_data"))
+
+    def _files(self):
+        """The files of the checkpoint folder and their change times: a
+        file new or changed after Keras's hook is the one it saved."""
+        folder = os.path.dirname(os.fspath(self.filepath)) or "."
+        if "{" in folder or not os.path.isdir(folder):
+            return {}
+        return {
+            entry.path: entry.stat().st_mtime_ns
+            for entry in os.scandir(folder)
+            if entry.is_file() and not entry.name.endswith(".tmp")
+        }
+
+    def _write_states(self, before, epoch, at_epoch_end):
+        after = self._files()
+        for path, stamp in after.items():
+            if before.get(path) != stamp:
+                self._write_state(path, epoch, at_epoch_end)
+
+    def _write_state(self, path, epoch, at_epoch_end):
+        folder = state_files.checkpoint_folder(path)
+        ema = registry.lookup(self, "ema")
+        if ema is not None and ema.shadow_variables:
             # At an epoch's end the resumed fit starts at the next epoch.
-            ema._save_state(folder, epoch + 1 if batch is None else epoch)
+            ema._save_state(folder, epoch + 1 if at_epoch_end else epoch)
         for role in ("early_stopping", "retrain_on_full_data"):
-            for other in _shared.lookup_all(self, role):
+            for other in registry.lookup_all(self, role):
                 other._checkpoint_writes.request(folder, epoch,
-                                                 at_epoch_end=batch is None)
+                                                 at_epoch_end=at_epoch_end)

@@ -12,7 +12,10 @@ import warnings
 import keras
 import numpy as np
 
-from kreg.callbacks import _shared, early_stopping, ema
+from kreg.callbacks import early_stopping, ema
+from kreg.callbacks import _registry as registry
+from kreg.callbacks import _state_files as state_files
+from kreg import _keras_private as keras_private
 from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.utils.validation import (check_bool, check_one_of,
                                    check_optional_path)
@@ -239,21 +242,21 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self._phase2_start = None  # {"epoch", "rows"}: phase-2 checkpoint
         self.retrain_epochs = None
         self.retrain_history = None
-        _shared.register(self, "retrain_on_full_data")
+        registry.register(self, "retrain_on_full_data")
         # Beside kreg's ModelCheckpoint files of phase 1, with the epoch's
         # logs once they are logged.
-        self._checkpoint_writes = _shared.CheckpointWrites(
+        self._checkpoint_writes = state_files.CheckpointWrites(
             lambda folder, epoch, at_epoch_end: self._save_state(
                 folder, phase=1, arrays=True))
-        self._folder = _shared.backup_folder(self, self.backup_dir)
+        self._folder = registry.backup_folder(self, self.backup_dir)
         saved, source = None, self._folder
         if self._folder is not None:
-            saved = _shared.load_state(self._folder, _STATE_NAME)
+            saved = state_files.load_state(self._folder, _STATE_NAME)
         # Whether the initial values are already in the backup folder.
         self._start_saved = saved is not None
         if saved is None and self.resume_from is not None:
-            source = _shared.checkpoint_folder(self.resume_from)
-            saved = _shared.load_checkpoint_state(
+            source = state_files.checkpoint_folder(self.resume_from)
+            saved = state_files.load_checkpoint_state(
                 self.resume_from, _STATE_NAME, "RetrainOnFullData")
         self._start_restored = saved is not None
         if saved is None:
@@ -281,7 +284,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             # delete the whole folder when this fit ends).
             self._plan = numbers["plan"]
             self._phase2_files = {} if self._folder is None else (
-                _shared.read_folder(
+                state_files.read_folder(
                     os.path.join(self._folder, _PHASE2_FOLDER)))
             # How Keras's BackupAndRestore resumes a fit at an epoch (a
             # private attribute Keras reads after on_train_begin).
@@ -332,21 +335,21 @@ class RetrainOnFullData(keras.callbacks.Callback):
         numbers = {"phase": 2, "phase1_logs": self._phase1_logs,
                    "plan": self._plan,
                    "phase2": {"epoch": epoch, "rows": rows}}
-        _shared.save_state(folder, _STATE_NAME, numbers, [])
+        state_files.save_state(folder, _STATE_NAME, numbers, [])
 
     def _save_state(self, folder, phase, arrays):
         numbers = {"phase": phase, "phase1_logs": self._phase1_logs,
                    "plan": self._plan, "phase2": self._phase2_start,
                    "num_arrays": len(self._start_values)}
         if arrays:
-            _shared.save_state(folder, _STATE_NAME, numbers,
+            state_files.save_state(folder, _STATE_NAME, numbers,
                                self._start_values)
         else:
-            _shared.save_json(folder, _STATE_NAME, numbers)
+            state_files.save_json(folder, _STATE_NAME, numbers)
 
     # Phase 2 ---------------------------------------------------------------
     def _early_stopping(self):
-        stops = _shared.lookup_all(self, "early_stopping")
+        stops = registry.lookup_all(self, "early_stopping")
         if not stops:
             raise ValueError(
                 "RetrainOnFullData needs a kreg.callbacks.EarlyStopping in "
@@ -446,15 +449,15 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._save_state(self._folder, phase=2, arrays=True)
             backup = os.path.join(self._folder, _PHASE2_FOLDER)
             if resuming:
-                _shared.write_folder(backup, self._phase2_files)
+                state_files.write_folder(backup, self._phase2_files)
             else:
                 for name in _KERAS_BACKUP_FILES:
                     path = os.path.join(self._folder, name)
                     if os.path.exists(path):
                         os.remove(path)
                 for base in _PHASE1_STATES:
-                    for name in _shared.state_names(self._folder, base):
-                        _shared.delete_state(self._folder, name)
+                    for name in state_files.state_names(self._folder, base):
+                        state_files.delete_state(self._folder, name)
         self._set_values(self._start_values)
         start = self._phase2_start or {"epoch": 0, "rows": []}
         if verbose and self._phase2_start is not None:
@@ -481,17 +484,17 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if backup is not None:
             callbacks.append(BackupAndRestore(backup))
         # A resumed phase 1 left its start epoch on the model (Keras).
-        _shared.forget_resumed_epoch(self.model)
+        keras_private.forget_resumed_epoch(self.model)
         history = self._fit(plan["epochs"], verbose, callbacks,
                             initial_epoch=start["epoch"])
-        _shared.forget_resumed_epoch(self.model)
-        _shared.register(self, "retrain_on_full_data")
+        keras_private.forget_resumed_epoch(self.model)
+        registry.register(self, "retrain_on_full_data")
         rows = _logged(recorder.rows[:recorder.first_epoch]) + _rows(history)
         self.retrain_history = keras.callbacks.History()
         self.retrain_history.epoch = [epoch for epoch, _ in rows]
         self.retrain_history.history = _columns(rows)
         if self._folder is not None:
-            _shared.delete_state(self._folder, _STATE_NAME)
+            state_files.delete_state(self._folder, _STATE_NAME)
             shutil.rmtree(backup, ignore_errors=True)
             if created and not os.listdir(self._folder):
                 os.rmdir(self._folder)
@@ -700,14 +703,14 @@ class _Phase2Logs(keras.callbacks.Callback):
         self.first_epoch = None
 
     def on_train_begin(self, logs=None):
-        _shared.register(self, "retrain_on_full_data")
+        registry.register(self, "retrain_on_full_data")
         saved = None
         if self.folder is not None:
-            saved = _shared.load_json(self.folder, _PHASE2_LOGS)
+            saved = state_files.load_json(self.folder, _PHASE2_LOGS)
         self.rows = (list(self.initial_rows) if saved is None
                      else saved["rows"])
         self.first_epoch = None
-        self._checkpoint_writes = _shared.CheckpointWrites(self._write)
+        self._checkpoint_writes = state_files.CheckpointWrites(self._write)
 
     def _write(self, folder, epoch, at_epoch_end):
         if not at_epoch_end:  # mid-epoch: a resumed fit runs it again
@@ -729,7 +732,7 @@ class _Phase2Logs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append(_numbers(logs))
         if self.folder is not None:
-            _shared.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
+            state_files.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
         self._checkpoint_writes.epoch_finished(epoch)
 
 

@@ -3,8 +3,11 @@
 - `ClippedOptimizer`: value, adaptive (AGC), per-tensor norm and global-norm
   clipping around any Keras optimizer, skipping steps with non-finite
   gradients, with gradient-health statistics for the `fit` logs.
+- `AveragingOptimizer`: the exponential moving average of the weights that
+  `kreg.callbacks.EMA` puts around a model's optimizer.
 """
 
+from kreg.optimizers.averaging_optimizer import AveragingOptimizer
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
 
-__all__ = ["ClippedOptimizer"]
+__all__ = ["AveragingOptimizer", "ClippedOptimizer"]

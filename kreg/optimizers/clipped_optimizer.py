@@ -3,7 +3,9 @@
 import keras
 from keras import ops
 
-from kreg.utils.validation import check_number, check_one_of, check_optional_positive
+from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.utils.validation import (check_number, check_one_of,
+                                   check_optional_positive)
 
 _NON_FINITE_MESSAGE = (
     "ClippedOptimizer: non-finite gradient (NaN or Inf); the step was not "
@@ -12,7 +14,7 @@ _NON_FINITE_MESSAGE = (
 
 
 @keras.saving.register_keras_serializable(package="kreg")
-class ClippedOptimizer(keras.optimizers.Optimizer):
+class ClippedOptimizer(OptimizerWrapper):
     """Clips the gradients, then lets any Keras optimizer apply them.
 
     The wrapper runs inside the compiled train step (`keras.ops` only, works
@@ -76,7 +78,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             `None`.
         agc_epsilon: positive float, the smallest weight norm AGC uses (so
             zero-initialized weights can move). Defaults to `1e-3`.
-        on_non_finite: `"skip"` (skip the step and count it) or `"raise"`
+        on_non_finite: `"skip"` (skip the step and count it), `"apply"`
+            (apply it as the inner optimizer would: measuring only) or
+            `"raise"`
             (raise an error; where a backend cannot raise from inside the
             compiled step - TensorFlow with `jit_compile=True` - the step is
             skipped and `GradientMonitor` raises at the end of the batch;
@@ -112,14 +116,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        if isinstance(optimizer, (str, dict)):
-            optimizer = keras.optimizers.get(optimizer)
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                "Invalid value received for argument `optimizer`. Expected "
-                "a `keras.optimizers.Optimizer` instance. Received: "
-                f"optimizer={optimizer!r}"
-            )
         if kwargs:
             raise ValueError(
                 "ClippedOptimizer does not take the arguments "
@@ -137,17 +133,18 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         agc_epsilon = check_number(
             "agc_epsilon", agc_epsilon, low=0, low_inclusive=False
         )
-        check_one_of("on_non_finite", on_non_finite, ("skip", "raise"))
+        check_one_of("on_non_finite", on_non_finite,
+                     ("skip", "raise", "apply"))
         # The base class sees no clipping arguments: this wrapper does the
         # clipping itself (the base class would clip per replica).
-        super().__init__(learning_rate=0.0, name=name)
+        super().__init__(optimizer, name=name)
         # The base class's own `iterations` and `learning_rate` variables
-        # are unused (both come from the inner optimizer): not state.
+        # are unused (both come from the inner optimizer): not state
+        # (kreg/_keras_private.py, 2).
         self._variables[:] = [
             v for v in self._variables
             if v is not self._iterations and v is not self._learning_rate
         ]
-        self.inner_optimizer = optimizer
         self.clipvalue = clip_kwargs["clipvalue"]
         self.clipnorm = clip_kwargs["clipnorm"]
         self.global_clipnorm = clip_kwargs["global_clipnorm"]
@@ -155,8 +152,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         self.agc_epsilon = agc_epsilon
         self.on_non_finite = on_non_finite
 
-    # Building and delegation -------------------------------------------
-    def build(self, var_list):
+    # Building ------------------------------------------------------------
+    def build_own(self, var_list):
         # Few, small variables: each one costs a little on every
         # `train_on_batch` call (JAX state hand-over).
         self._norm_stats = self.add_variable(
@@ -173,28 +170,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
-
-    @property
-    def variables(self):
-        return self._variables[:] + self.inner_optimizer.variables
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
 
     @property
     def grad_norm(self):
@@ -375,16 +350,21 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         ]))
         if num_grads == self._variable_grad_norms.shape[0]:
             self._variable_grad_norms.assign(statistics["norms"])
+        skipped = ops.logical_not(finite)
+        if self.on_non_finite == "apply":
+            skipped = ops.zeros((), "bool")
         self._step_counts.assign_add(ops.cast(ops.stack([
             ops.convert_to_tensor(True),
             ops.logical_and(statistics["clipped"], finite),
-            ops.logical_not(finite),
+            skipped,
         ]), "int32"))
 
     def _lets_inner_skip(self):
+        # With on_non_finite="apply" every step goes to the inner optimizer.
         # An inner LossScaleOptimizer must see overflowing steps itself, to
         # lower its scale; it skips them (the weights stay untouched).
-        return self._loss_scale() is not None
+        return (self.on_non_finite == "apply"
+                or self._loss_scale() is not None)
 
     def _raise_if_not_finite(self, finite):
         if self.on_non_finite != "raise" or self._lets_inner_skip():
@@ -466,7 +446,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             if finite:
                 norm_stats[1] += norm
                 counts[1] += statistics["clipped"].to(counts.dtype)
-            else:
+            elif self.on_non_finite != "apply":
                 counts[2] += 1
             if len(grads) == self._variable_grad_norms.shape[0]:
                 self._variable_grad_norms.value.copy_(statistics["norms"])
@@ -576,10 +556,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     # Serialization -------------------------------------------------------
     def get_config(self):
         return {
-            "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
+            **super().get_config(),
             "clipvalue": self.clipvalue,
             "clipnorm": self.clipnorm,
             "global_clipnorm": self.global_clipnorm,
@@ -587,14 +564,6 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             "agc_epsilon": self.agc_epsilon,
             "on_non_finite": self.on_non_finite,
         }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        optimizer = keras.saving.deserialize_keras_object(
-            config.pop("optimizer"), custom_objects=custom_objects
-        )
-        return cls(optimizer, **config)
 
 
 def _sum_of_squares(g):

@@ -1,13 +1,10 @@
 import os
-import types
 import unittest
-from unittest import mock
 
 import keras
 import numpy as np
 
 from kreg.callbacks import EMA, EarlyStopping
-from kreg.callbacks._ema_updater import Updater
 from kreg.testing import TestCase
 from tests.callbacks.helpers import (
     Interrupt,
@@ -77,13 +74,6 @@ class EMATest(TestCase):
                       steps_per_execution=steps_per_execution)
         return model
 
-    def patch_updater(self, name, **patch):
-        """Replaces ``Updater.<name>`` for this test: the code path of
-        another device, forced on the CPU."""
-        patcher = mock.patch.object(Updater, name, **patch)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
     def fit(self, model, callbacks, epochs=3, validation=True, **kwargs):
         return model.fit(
             self.x, self.y, batch_size=8, epochs=epochs, shuffle=False,
@@ -109,29 +99,6 @@ class EMATest(TestCase):
                 for w, raw in zip(model.trainable_variables,
                                   record.after_batch[-1]):
                     self.assertAllClose(w, raw)
-
-    def test_packed_and_separate_shadows(self):
-        # On TensorFlow the small shadows are kept in one flat variable
-        # between flushes, weights of more than `_TF_PACK_LIMIT` values
-        # apart. Limits: all apart (0), the two biases packed and the two
-        # kernels apart (8), all packed (default).
-        for limit in (0, 8, Updater._TF_PACK_LIMIT):
-            with self.subTest(limit=limit), mock.patch.object(
-                    Updater, "_TF_PACK_LIMIT", limit):
-                model = self.model(bn=True)
-                record = RecordBatchWeights()
-                ema = EMA(decay=0.8, keep_averaged=False)
-                self.fit(model, [record, ema])
-                packed = getattr(ema._updater, "_tf_packed", None)
-                if keras.backend.backend() == "tensorflow":
-                    self.assertEqual(packed is None, limit == 0)
-                expected = numpy_ema(record.initial, record.after_batch, 0.8)
-                for s, e in zip(ema.shadow_variables, expected):
-                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
-                # The validation used the averaged weights.
-                with ema.averaged_weights():
-                    for w, e in zip(model.trainable_variables, expected):
-                        self.assertAllClose(w, e, atol=1e-5, rtol=1e-5)
 
     def test_gradient_accumulation(self):
         # SGD(gradient_accumulation_steps=3): the weights change at every
@@ -190,13 +157,11 @@ class EMATest(TestCase):
 
     def test_one_ema_per_fit(self):
         model = self.model()
-        original = model.make_train_function() or model.train_function
         first, second = EMA(decay=0.9), EMA(decay=0.5)
         with self.assertRaisesRegex(ValueError, "One kreg.callbacks.EMA per"):
             self.fit(model, [first, second])
-        # Nothing of the first one stays in the train function: a fit
-        # without them trains as a fresh model does.
-        self.assertIs(model.train_function, original)
+        # The averaging optimizer left around the model's optimizer does
+        # not change training: a fit without them trains as a fresh model.
         self.fit(model, [], epochs=1)
         fresh = self.model()
         self.fit(fresh, [], epochs=1)
@@ -222,19 +187,12 @@ class EMATest(TestCase):
         # Several steps per compiled call (callbacks see every third
         # batch): the average still takes every optimizer step, as with
         # one step per call (checked against NumPy above).
-        backend = keras.backend.backend()
-        if backend == "torch":
+        if keras.backend.backend() == "torch":
             self.skipTest("Keras's PyTorch trainer runs one step per call")
         runs = {}
         for steps in (1, 3):
             model = self.model(steps_per_execution=steps)
             ema = EMA(decay=0.8, keep_averaged=False)
-            if steps > 1 and backend == "jax" and not model.jit_compile:
-                # No compiled step to put the update in: a clear error.
-                with self.assertRaisesRegex(ValueError,
-                                            "steps_per_execution=3"):
-                    self.fit(model, [ema])
-                return
             history = self.fit(model, [ema])
             runs[steps] = model, ema, history
         (model1, ema1, history1), (model3, ema3, history3) = runs[1], runs[3]
@@ -246,32 +204,37 @@ class EMATest(TestCase):
         self.assertAllClose(history3.history["val_loss"],
                             history1.history["val_loss"], rtol=1e-5)
 
-    def test_refused_steps_per_execution_leaves_the_average_alone(self):
-        if keras.backend.backend() == "torch":
-            self.skipTest("Keras's PyTorch trainer runs one step per call")
-        refused = dict(run_eagerly=True, steps_per_execution=2)
-        # After a finished fit: the averaged weights in, the raw ones kept.
+    def test_a_fresh_ema_per_fit_reuses_the_train_step(self):
+        # As users write it: a new EMA in every fit. The averaging optimizer
+        # is put in once; later fits keep the train function (no new
+        # trace or compilation), with each EMA's own decay.
         model = self.model()
-        ema = EMA(decay=0.8)
-        self.fit(model, [ema], validation=False)
-        raw, averaged = ema.raw_model_weights(), model.get_weights()
-        model.compile(optimizer=model.optimizer, loss="mse", **refused)
-        with self.assertRaisesRegex(ValueError, "steps_per_execution=2"):
-            self.fit(model, [ema])
-        for a, b in zip(model.get_weights(), averaged):
+        self.fit(model, [EMA(decay=0.9, keep_averaged=False)], epochs=1,
+                 validation=False)
+        train_function = model.train_function
+        optimizer = model.optimizer
+        for decay, warmup in ((0.5, False), (0.8, True)):
+            record = RecordBatchWeights()
+            ema = EMA(decay=decay, warmup=warmup, keep_averaged=False)
+            self.fit(model, [record, ema], epochs=1)
+            self.assertIs(model.train_function, train_function)
+            self.assertIs(model.optimizer, optimizer)
+            expected = numpy_ema(record.initial, record.after_batch, decay,
+                                 2.0 / 3.0 if warmup else None)
+            for s, e in zip(ema.shadow_variables, expected):
+                self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+        # A fit without an EMA: the average left alone, and the weights as
+        # in four fits of the same model without an EMA.
+        before = [self.to_numpy(s) for s in ema.shadow_variables]
+        self.fit(model, [], epochs=1, validation=False)
+        reference = self.model()
+        for _ in range(4):
+            self.fit(reference, [], epochs=1, validation=False)
+        for a, b in zip(model.get_weights(), reference.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+        self.assertEqual(ema.steps, 6)
+        for a, b in zip(ema.shadow_variables, before):
             self.assertAllEqual(a, b)
-        with ema.raw_weights():
-            for a, b in zip(model.get_weights(), raw):
-                self.assertAllEqual(a, b)
-        # After an interrupted fit: its steps are still averaged.
-        model = self.model(jit=True)
-        ema = EMA(decay=0.8)
-        with self.assertRaisesRegex(RuntimeError, "interrupted"):
-            self.fit(model, [ema, InterruptBatch(5)], validation=False)
-        model.compile(optimizer=model.optimizer, loss="mse", **refused)
-        with self.assertRaisesRegex(ValueError, "steps_per_execution=2"):
-            self.fit(model, [ema])
-        self.assertEqual(ema.steps, 5)
 
     def test_steps_of_a_later_phase_before_train_end_not_averaged(self):
         # A callback listed before the EMA trains on in its on_train_end
@@ -449,6 +412,24 @@ class EMATest(TestCase):
                                 full.shadow_variables):
                     self.assertAllClose(a, b, atol=1e-6)
 
+    def test_interrupted_fit_keeps_its_steps(self):
+        model = self.model()
+        ema = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [ema], epochs=1, validation=False)
+        self.assertEqual(ema.steps, 6)
+        # An exception in the middle of an epoch: the steps taken are
+        # averaged, and the next fit with the EMA starts a new average.
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            self.fit(model, [ema, InterruptBatch(2)], epochs=1,
+                     validation=False)
+        self.assertEqual(ema.steps, 2)
+        record = RecordBatchWeights()
+        self.fit(model, [record, ema], epochs=1, validation=False)
+        self.assertEqual(ema.steps, 6)
+        expected = numpy_ema(record.initial, record.after_batch, 0.8)
+        for s, e in zip(ema.shadow_variables, expected):
+            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+
     def test_bad_arguments_and_config(self):
         for kwargs, error, text in [
             (dict(decay=1.0), ValueError, "decay=1.0"),
@@ -468,114 +449,8 @@ class EMATest(TestCase):
 
 
 @unittest.skipUnless(keras.backend.backend() in ("jax", "tensorflow"),
-                     "the EMA update is fused into compiled train steps")
+                     "XLA-compiled train steps")
 class EMAFusedStepTest(EMATest):
     """Every EMA test with the update inside the XLA-compiled train step."""
 
     jit_default = True
-
-    def test_train_function_restored_and_not_armed_after_interruption(self):
-        model = self.model()
-        original = model.make_train_function() or model.train_function
-        ema = EMA(decay=0.8, keep_averaged=False)
-        self.fit(model, [ema], epochs=1, validation=False)
-        self.assertIs(model.train_function, original)
-        self.assertEqual(ema.steps, 6)
-        # An exception in the middle of an epoch skips on_train_end: the
-        # wrapped train function is left behind, but unarmed.
-        with self.assertRaisesRegex(RuntimeError, "interrupted"):
-            self.fit(model, [ema, InterruptBatch(2)], epochs=1,
-                     validation=False)
-        self.assertEqual(ema.steps, 2)  # each fit restarts the average
-        before = [self.to_numpy(s) for s in ema.shadow_variables]
-        self.fit(model, [], epochs=1, validation=False)
-        self.assertEqual(ema.steps, 2)
-        for a, b in zip(ema.shadow_variables, before):
-            self.assertAllEqual(a, b)
-
-
-@unittest.skipUnless(keras.backend.backend() == "jax", "JAX's packed shadow")
-class EMAPackedShadowTest(EMAFusedStepTest):
-    """Every EMA test with the shadow packed into one flat buffer during
-    training, as on a GPU with JAX, forced on the CPU."""
-
-    def setUp(self):
-        super().setUp()
-        self.patch_updater("_jax_pack_shadows", return_value=True)
-
-    def test_packed_in_fused_and_separate_updates(self):
-        for jit in (True, False):
-            with self.subTest(jit=jit):
-                model = self.model(jit=jit)
-                record = RecordBatchWeights()
-                ema = EMA(decay=0.8, keep_averaged=False)
-                self.fit(model, [record, ema], epochs=1, validation=False)
-                self.assertTrue(ema._updater._packed)
-                self.assertEqual(ema._updater._fused_cache is not None, jit)
-                expected = numpy_ema(record.initial, record.after_batch, 0.8)
-                for s, e in zip(ema.shadow_variables, expected):
-                    self.assertEqual(tuple(s.shape), e.shape)
-                    self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
-
-
-@unittest.skipUnless(keras.backend.backend() == "torch", "PyTorch's update")
-class EMATorchOnDeviceUpdateTest(EMATest):
-    """Every EMA test with the PyTorch update meant for accelerators (the
-    step counter never read on the host), forced on the CPU."""
-
-    def setUp(self):
-        super().setUp()
-        self.patch_updater("_torch_counter_on_host", return_value=False)
-
-    def test_the_device_update_is_used(self):
-        model = self.model()
-        ema = EMA(decay=0.5)
-        self.fit(model, [ema], epochs=1, validation=False)
-        self.assertEqual(ema._updater.update.__name__,
-                         "_torch_update_on_device")
-
-
-@unittest.skipUnless(keras.backend.backend() == "torch", "PyTorch's update")
-class EMATorchGraphReplayTest(EMATorchOnDeviceUpdateTest):
-    """Every EMA test with the update replayed from a recorded graph, as on
-    CUDA; on the CPU the "graph" replays the recorded step eagerly (the
-    real CUDA graph runs in the GPU runs of this suite)."""
-
-    def setUp(self):
-        super().setUp()
-        self.replays = 0
-
-        def record(step):
-            def replay():
-                self.replays += 1
-                step()
-            return types.SimpleNamespace(replay=replay)
-
-        self.patch_updater("_torch_cuda_graphs_available", return_value=True)
-        self.patch_updater("_torch_record", side_effect=record)
-
-    def test_replayed_and_run_uncaptured_once_a_tensor_moves(self):
-        import torch
-
-        model = self.model()
-        record = RecordBatchWeights()
-        ema = EMA(decay=0.8, keep_averaged=False)
-        self.fit(model, [record, ema], epochs=1, validation=False)
-        # One per batch begun (the first folds in nothing), one at the end.
-        self.assertEqual(self.replays, 7)
-        self.assertIsNotNone(ema._updater._torch_graph)
-
-        class Move(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                if batch == 2:  # a new buffer for the first kernel
-                    kernel = self.model.trainable_variables[0].value
-                    with torch.no_grad():
-                        kernel.data = kernel.data.clone()
-
-        self.replays = 0
-        self.fit(model, [record, Move(), ema], epochs=1, validation=False)
-        self.assertEqual(self.replays, 3)  # as batches 0, 1 and 2 begin
-        self.assertIsNone(ema._updater._torch_graph)
-        expected = numpy_ema(record.initial, record.after_batch, 0.8)
-        for s, e in zip(ema.shadow_variables, expected):
-            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,134 @@
+"""AveragingOptimizer: the per-step update of `kreg.callbacks.EMA`."""
+
+import keras
+from keras import ops
+
+from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class AveragingOptimizer(OptimizerWrapper):
+    """Keeps an exponential moving average of the weights it updates.
+
+    After every step of the inner optimizer that changes the weights (its
+    `iterations` moves: not a step skipped by a `LossScaleOptimizer` or a
+    `ClippedOptimizer`, nor an accumulating step of
+    ``gradient_accumulation_steps``), while averaging is switched on::
+
+        s_t = s_{t-1} - (1 - d_t) * (s_{t-1} - w_t)
+
+    with ``d_t = decay`` or, with a warm-up power ``p > 0``,
+    ``d_t = min(decay, 1 - t ** -p)`` (``t`` counts the averaged steps).
+    The update runs inside the compiled train step on every backend (one
+    fused pass on PyTorch); while averaging is off (``configure(active=
+    False)``) the shadow stays exactly as it is.
+
+    `kreg.callbacks.EMA` installs it around a model's optimizer and keeps
+    it there, so that later fits reuse the compiled train step: the decay,
+    the warm-up and the switch are variables, not constants of the trace.
+    The shadow `shadows` (one variable per trainable weight), the count of
+    averaged steps `count` and these settings are optimizer variables: they
+    are saved with the optimizer.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` to wrap.
+        name: optional name. Defaults to `None`.
+    """
+
+    def build_own(self, var_list):
+        self.shadows = [
+            self.add_variable(
+                shape=v.shape, dtype=v.dtype, initializer="zeros",
+                aggregation="only_first_replica", name="average",
+            )
+            for v in var_list
+        ]
+        self.count = self.add_variable(
+            shape=(), dtype="int32", initializer="zeros",
+            aggregation="only_first_replica", name="averaged_steps",
+        )
+        # [averaging on (1) or off (0), decay, warm-up power (0: none)]
+        self.settings = self.add_variable(
+            shape=(3,), dtype="float32", initializer="zeros",
+            aggregation="only_first_replica", name="average_settings",
+        )
+
+    def configure(self, active, decay=None, warmup_power=None):
+        """Switches averaging on or off (and sets the decay and warm-up)."""
+        values = keras.ops.convert_to_numpy(self.settings.value).copy()
+        values[0] = float(active)
+        if decay is not None:
+            values[1] = decay
+        if warmup_power is not None:
+            values[2] = warmup_power
+        self.settings.assign(values)
+
+    def finalize_variable_values(self, var_list):
+        # The end of a fit (on JAX also an interrupted one): no averaging
+        # of a later fit's steps unless its EMA switches it on again.
+        self.configure(False)
+        super().finalize_variable_values(var_list)
+
+    def _rate(self, stepped):
+        """``1 - d_t`` for a step that changed the weights while averaging
+        is on, else 0; and the new count."""
+        active, decay, power = (self.settings[i] for i in range(3))
+        go = ops.logical_and(stepped, ops.greater(active, 0.0))
+        count = self.count + ops.cast(go, "int32")
+        t = ops.cast(ops.maximum(count, 1), "float32")
+        warm = ops.minimum(decay, 1.0 - ops.power(t, -power))
+        decay = ops.where(ops.greater(power, 0.0), warm, decay)
+        return ops.where(go, 1.0 - decay, 0.0), count
+
+    def _average(self, weights, stepped):
+        rate, count = self._rate(stepped)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    [s.value for s in self.shadows],
+                    [ops.convert_to_tensor(w) for w in weights], rate,
+                )
+        else:
+            for shadow, w in zip(self.shadows, weights):
+                s = shadow.value
+                shadow.assign(s - ops.cast(rate, s.dtype) * (s - w))
+        self.count.assign(count)
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            raise ValueError(
+                "AveragingOptimizer.apply needs the `trainable_variables`. "
+                "Received: trainable_variables=None"
+            )
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        before = ops.copy(self.iterations)
+        self.inner_optimizer.apply(grads, trainable_variables)
+        stepped = ops.not_equal(ops.copy(self.iterations),
+                                before)
+        self._average(trainable_variables, stepped)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        own = len(optimizer_variables) - len(self.inner_optimizer.variables)
+        own_values = optimizer_variables[:own]
+        inner_values = optimizer_variables[own:]
+        inner = self.inner_optimizer
+        with keras.StatelessScope(
+                state_mapping=list(zip(inner.variables, inner_values))):
+            before = ops.copy(self.iterations)
+        new_weights, new_inner = inner.stateless_apply(
+            inner_values, grads, trainable_variables)
+        with keras.StatelessScope(
+                state_mapping=list(zip(inner.variables, new_inner))):
+            stepped = ops.not_equal(ops.copy(self.iterations),
+                                    before)
+        own_variables = self.variables[:own]
+        with keras.StatelessScope(
+                state_mapping=list(zip(own_variables, own_values))) as scope:
+            self._average(new_weights, stepped)
+            new_own = [scope.get_current_value(v) for v in own_variables]
+        return new_weights, new_own + list(new_inner)

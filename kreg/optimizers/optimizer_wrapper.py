@@ -1,0 +1,128 @@
+"""OptimizerWrapper: the base of kreg's optimizers that wrap another one."""
+
+import contextlib
+
+import keras
+
+
+class OptimizerWrapper(keras.optimizers.Optimizer):
+    """An optimizer that adds per-step work around an inner optimizer.
+
+    The model of `keras.optimizers.LossScaleOptimizer`: the inner optimizer
+    updates the weights; the wrapper's `apply` (and, on JAX,
+    `stateless_apply`) adds its own work inside the compiled train step.
+    The learning rate, `iterations`, `scale_loss` and
+    `finalize_variable_values` are the inner optimizer's; `variables` are
+    the wrapper's own followed by the inner ones, and `get_config` nests
+    the inner optimizer's config under ``"optimizer"``.
+
+    Subclasses create their own variables in `build_own(var_list)`, which
+    runs before the inner optimizer is built.
+
+    `install(model, make)` puts a wrapper around a compiled model's
+    optimizer (the one from ``make(model.optimizer)``) unless one of the
+    same class is already in its chain of wrappers, and rebuilds the
+    model's train function with the public
+    ``model.make_train_function(force=True)``, so later fits reuse that
+    train function: the first fit of the wrapped model compiles once.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` to wrap (or a name or
+            config accepted by `keras.optimizers.get`).
+        name: optional name. Defaults to `None`.
+    """
+
+    def __init__(self, optimizer, name=None):
+        if isinstance(optimizer, (str, dict)):
+            optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "Invalid value received for argument `optimizer`. Expected "
+                "a `keras.optimizers.Optimizer` instance. Received: "
+                f"optimizer={optimizer!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+
+    def build_own(self, var_list):
+        """Creates the wrapper's own variables (`add_variable`)."""
+
+    def build(self, var_list):
+        self.build_own(var_list)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return super().variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        optimizer = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(optimizer, **config)
+
+
+def find_wrapper(optimizer, cls):
+    """The instance of `cls` in `optimizer`'s chain of wrappers, or None."""
+    while optimizer is not None:
+        if isinstance(optimizer, cls):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def install(model, cls, make):
+    """The `cls` wrapper in `model`'s optimizer chain; if there is none,
+    ``make(model.optimizer)`` becomes the model's optimizer, built, and
+    the model's train function is rebuilt around it."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(
+            f"{cls.__name__} needs a compiled model (an optimizer): call "
+            "`model.compile(...)` before `fit`."
+        )
+    found = find_wrapper(optimizer, cls)
+    if found is not None:
+        return found
+    strategy = getattr(model, "distribute_strategy", None)
+    with (strategy.scope() if strategy is not None
+          else contextlib.nullcontext()):
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        wrapper = make(optimizer)
+        wrapper.build(model.trainable_variables)
+    model.optimizer = wrapper
+    if model.train_function is not None:
+        model.make_train_function(force=True)
+    return wrapper
+
