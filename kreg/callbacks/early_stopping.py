@@ -14,11 +14,6 @@ from kreg.utils.validation import check_one_of
 
 _STATE_NAME = "kreg_early_stopping"
 
-# Metric names whose direction "auto" mode can infer when the metric object
-# gives no hint; the rest (losses, errors) are minimized.
-_MAXIMIZED = ("acc", "auc", "precision", "recall", "f1", "fbeta", "iou",
-              "r2", "top_k", "cosine_similarity")
-
 
 @keras.saving.register_keras_serializable(package="kreg")
 class EarlyStopping(keras.callbacks.Callback):
@@ -71,9 +66,9 @@ class EarlyStopping(keras.callbacks.Callback):
             stops. Defaults to `0`.
         verbose: 0 (silent) or 1 (print a message when stopping or
             restoring). Defaults to `0`.
-        mode: `"min"`, `"max"` or `"auto"` (`"max"` for accuracy-like names
-            and metrics that report an upward direction, `"min"` for losses
-            and errors). Defaults to `"auto"`.
+        mode: `"min"`, `"max"` or `"auto"` (Keras's rule: `"min"` for
+            losses, else the direction the model's metric of that name
+            reports). Defaults to `"auto"`.
         baseline: a value the monitored quantity must beat; training stops
             after ``patience`` epochs that do not beat it. Defaults to `None`.
         restore_best_weights: restore the weights of the best epoch at the
@@ -329,24 +324,19 @@ class EarlyStopping(keras.callbacks.Callback):
         return float(np.asarray(keras.ops.convert_to_numpy(value)))
 
     def _infer_direction(self):
+        """Whether the monitored value is maximized: `mode`, else Keras's
+        own rule (a loss is minimized; a metric object of the model says
+        its direction), asked of a `keras.callbacks.EarlyStopping`."""
         if self.mode != "auto":
             return self.mode == "max"
         name = self.monitor.removeprefix("val_")
         if name == "loss" or name.endswith("_loss"):
             return False
-        direction = _metric_direction(self.model, name)
-        if direction is not None:
-            return direction == "up"
-        if any(key in name for key in _MAXIMIZED):
-            return True
-        if any(key in name for key in ("loss", "error", "crossentropy",
-                                        "hinge", "divergence", "poisson")):
-            return False
-        raise ValueError(
-            f"EarlyStopping callback received monitor={self.monitor}, but "
-            "cannot determine whether that metric should be maximized or "
-            "minimized. Pass `mode='max'` or `mode='min'`."
-        )
+        keras_rule = keras.callbacks.EarlyStopping(monitor=self.monitor)
+        keras_rule.set_model(self.model)
+        keras_rule.on_train_begin()
+        keras_rule.on_epoch_end(0, {self.monitor: 0.0})
+        return keras_rule.monitor_op is keras.ops.greater
 
     def get_config(self):
         return {
@@ -379,16 +369,3 @@ def _check_count(name, value):
             f"non-negative integer. Received: {name}={value!r}"
         )
     return int(value)
-
-
-def _metric_direction(model, name):
-    """The ``_direction`` ("up"/"down") a Keras metric object reports."""
-    stack = list(getattr(model, "metrics", []) or [])
-    while stack:
-        metric = stack.pop()
-        stack.extend(getattr(metric, "metrics", []) or [])
-        if getattr(metric, "name", None) == name:
-            direction = getattr(metric, "_direction", None)
-            if direction in ("up", "down"):
-                return direction
-    return None

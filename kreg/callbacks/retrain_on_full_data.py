@@ -1,12 +1,9 @@
 """Second phase of early stopping: retrain on training + validation data."""
 
 import collections.abc
-import contextlib
 import math
 import os
-import random
 import shutil
-import sys
 import warnings
 
 import keras
@@ -16,6 +13,11 @@ from kreg.callbacks import early_stopping, ema
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg import _keras_private as keras_private
+from kreg.callbacks._retrain_phase2 import (_INFINITE, _Phase2Logs,
+                                            _StopBelow, _cardinality,
+                                            _is_dataset, _logged, _numbers,
+                                            _random_state_kept, _rows,
+                                            _set_rows, _up_to)
 from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.utils.validation import (check_bool, check_one_of,
                                    check_optional_path)
@@ -26,7 +28,6 @@ _LENGTHS = ("epochs", "steps", "scaled")
 # (weights, then optimizer variables); phase 2's own backup in a subfolder.
 _STATE_NAME = "kreg_retrain_on_full_data"
 _PHASE2_FOLDER = "kreg_retrain_phase2"
-_PHASE2_LOGS = "kreg_retrain_phase2_logs"
 # Phase 1's backups (Keras's BackupAndRestore; kreg's callbacks' states),
 # obsolete once phase 2 begins: a resumed fit must not train phase 1 again.
 _KERAS_BACKUP_FILES = (
@@ -40,124 +41,54 @@ _PHASE1_STATES = (early_stopping._STATE_NAME, ema._STATE_NAME)
 class RetrainOnFullData(keras.callbacks.Callback):
     """After early stopping, trains again on the full data (two phases).
 
-    Passed to ``model.fit`` together with a `kreg.callbacks.EarlyStopping`
-    and the full data (training + validation). The ``fit`` runs phase 1 on the
-    train/validation split as usual; when it ends, this callback runs phase 2
-    on the full data, so one ``fit`` call runs both (the lecture: "danach noch
-    mal mit Validation set bis zum beim early stopping bestimmten Zeitpunkt
-    trainieren, plus evtl. ein bisschen laenger").
+    Given to ``fit`` with a `kreg.callbacks.EarlyStopping` and the full data
+    (training + validation): after ``fit`` (phase 1), phase 2 trains on it:
 
-    - ``algorithm="restart"`` (Goodfellow et al., algorithm 7.2, default):
-      from the initial weights and a fresh optimizer state (the values the
-      optimizer variables, iteration counter included, had when phase 1
-      began), train for
+    - ``"restart"`` (algorithm 7.2): from the initial weights and optimizer
+      state, for ``best_epoch + 1`` epochs (``length="epochs"``), phase 1's
+      steps up to its best epoch (``"steps"``) or ``(best_epoch + 1) *
+      n_full / n_train`` epochs (``"scaled"``; ``n``: batches per epoch).
+    - ``"continue"`` (algorithm 7.3): from the weights phase 1 left, until
+      the loss on ``validation_data`` falls below the best epoch's training
+      loss (at most ``max_epochs`` epochs).
 
-      - ``length="epochs"``: ``best_epoch + 1`` epochs (default);
-      - ``length="steps"``: the same number of optimizer steps as phase 1
-        took up to its best epoch, rounded to whole epochs;
-      - ``length="scaled"``: ``(best_epoch + 1) * n_full / n_train`` epochs
-        (rounded up), "a bit longer because there is more data", where
-        ``n_full`` and ``n_train`` are the batches per epoch of the full
-        data and of phase 1 (Keras tells callbacks no sample counts): the
-        ratio of the data sets' sizes up to their last, partial batches,
-        so two data sets that fill the same number of batches give no
-        extra epoch.
-    - ``algorithm="continue"`` (algorithm 7.3): from the weights phase 1 left
-      (the best ones with ``restore_best_weights=True``), train on the full
-      data one epoch at a time until the loss on the validation part
-      (``validation_data``) falls below the training loss logged at the best
-      epoch, at most ``max_epochs`` epochs.
-
-    After ``fit``, ``retrain_epochs`` is the number of phase-2 epochs and
-    ``retrain_history`` its `History`. The History returned by ``fit`` holds
-    both phases: phase-2 epochs are appended to each list, a ``phase`` list
-    (1 or 2 per epoch) tells them apart, and keys missing in one phase (e.g.
-    ``val_loss`` in phase 2) are NaN there. Phase 2 prints its own progress
-    bar with the verbosity of the ``fit``.
-
-    Resuming: with `kreg.callbacks.BackupAndRestore` in the same ``fit`` (or
-    ``backup_dir=``, listed after Keras's BackupAndRestore), an interrupted
-    ``fit`` run again ends as an uninterrupted one. Interrupted in phase 1,
-    phase 2 still starts from the initial weights of the first run and the
-    History holds every epoch; interrupted in phase 2, the ``fit`` skips
-    phase 1 (its backups are deleted when phase 2 begins) and resumes phase
-    2 at its last finished epoch, with the callbacks passed here (phase 2
-    runs with a kreg ``BackupAndRestore`` in a subfolder). Keras's
-    BackupAndRestore alone resumes phase 1 from its epoch but phase 2 then
-    starts from the weights of the resumed ``fit`` (a warning says so).
-    With `kreg.callbacks.ModelCheckpoint` in phase 1, the state (initial
-    weights and optimizer values, phase-1 logs) is also written beside each
-    checkpoint file; ``resume_from=<file>`` in the ``fit`` of the model
-    loaded from that file (``initial_epoch=`` the file's epoch) takes it
-    from there, so phase 2 again starts from the initial weights. With a
-    `kreg.callbacks.ModelCheckpoint` in phase 2 (in ``callbacks=``), the
-    state beside each of its files (phase-1 logs, the plan, the phase-2
-    epoch and logs) lets the ``fit`` of the model loaded from such a file,
-    given ``resume_from=<file>``, skip phase 1 and go on with phase 2 at the
-    next epoch (an `EMA` of phase 2 resumes with its own ``resume_from``).
-
-    The full data is checked when ``fit`` begins (one batch of it through
-    the model's test step), so data that does not fit the model fails
-    before phase 1 trains, not after it; so do a missing `EarlyStopping`
-    (at the first epoch) and a one-pass generator or an endless dataset
-    without ``steps_per_epoch`` (at construction). Keras tells callbacks
-    neither the ``batch_size`` nor the ``class_weight`` or
-    ``sample_weight`` of ``fit``: pass them here again.
+    After ``fit``: ``retrain_epochs``, ``retrain_history`` (phase 2). More
+    (phase 2's callbacks, resuming, data accepted): ``docs/callbacks.md``.
 
     Args:
-        x: full input data: an array (or list/dict of arrays), a
-            ``tf.data.Dataset`` yielding ``(x, y)`` or ``(x, y,
-            sample_weight)`` batches, or another data set Keras's ``fit``
-            can run several epochs over (``keras.utils.PyDataset``, a
-            PyTorch ``DataLoader``); not a generator (one pass only).
-        y: full targets when ``x`` is an array (or list/dict of arrays,
-            for several outputs). Defaults to `None`.
-        algorithm: `"restart"` (7.2) or `"continue"` (7.3). Defaults to
-            `"restart"`.
+        x: full inputs: arrays (or a list/dict of them) or a data set
+            ``fit`` can run several epochs over; not a generator.
+        y: full targets for array ``x``. Defaults to `None`.
+        algorithm: `"restart"` or `"continue"`. Defaults to `"restart"`.
         length: for `"restart"`: `"epochs"`, `"steps"` or `"scaled"`.
             Defaults to `"epochs"`.
-        batch_size: batch size for array data; pass the one given to ``fit``.
+        batch_size: batch size of array data (as given to ``fit``).
             Defaults to `None` (Keras's 32).
-        shuffle: whether phase 2 shuffles array data before each epoch, as
-            ``fit(shuffle=...)``. Defaults to `True`.
-        validation_data: for `"continue"`: the validation part ``(x_val,
-            y_val)`` (or a dataset) whose loss ends phase 2. Defaults to
-            `None`.
-        max_epochs: for `"continue"`: the cap on phase-2 epochs. Defaults to
-            `100`.
-        callbacks: callbacks for phase 2 (e.g. a ``ModelCheckpoint``).
-            Defaults to `None`.
-        backup_dir: folder where the state is kept for resuming an
-            interrupted ``fit``. Defaults to `None`: the folder of a
-            `kreg.callbacks.BackupAndRestore` in the same ``fit``, if any.
-        steps_per_epoch: batches per phase-2 epoch, as ``fit(
-            steps_per_epoch=...)``; needed for an endless (repeated)
-            dataset. Defaults to `None`: one pass over the full data.
-        sample_weight: per-sample weights of the full array data, as
-            ``fit(sample_weight=...)``. Defaults to `None`.
-        class_weight: as ``fit(class_weight=...)`` for phase 2. Defaults
-            to `None`.
-        resume_from: a checkpoint file written by a
-            `kreg.callbacks.ModelCheckpoint`: of phase 1, the ``fit`` takes
-            the initial weights and the logs of the earlier epochs from
-            beside it; of phase 2, it goes on with phase 2 after the file's
-            epoch (a backup in ``backup_dir``, newer, comes first). Defaults
-            to `None`.
+        validation_data: for `"continue"`: the validation part whose loss
+            ends phase 2. Defaults to `None`.
+        max_epochs: for `"continue"`: most phase-2 epochs. Defaults to `100`.
+        callbacks: callbacks for phase 2. Defaults to `None`.
+        backup_dir: folder of the state that resumes an interrupted ``fit``.
+            Defaults to `None` (a kreg `BackupAndRestore`'s folder, if any).
+        shuffle: whether phase 2 shuffles array data. Defaults to `True`.
+        resume_from: a `kreg.callbacks.ModelCheckpoint` file to resume
+            from. Defaults to `None`.
+        steps_per_epoch: batches per phase-2 epoch (needed for an endless
+            dataset). Defaults to `None` (one pass over ``x``).
+        sample_weight: per-sample weights of array ``x``. Defaults to `None`.
+        class_weight: as ``fit(class_weight=...)``. Defaults to `None`.
 
     Example:
 
     ```python
     stop = kreg.callbacks.EarlyStopping(patience=5, restore_best_weights=True)
     retrain = kreg.callbacks.RetrainOnFullData(x_all, y_all, batch_size=64)
-    history = model.fit(x_train, y_train, batch_size=64, epochs=200,
-                        validation_data=(x_val, y_val),
-                        callbacks=[stop, retrain])
-    print(stop.best_epoch, retrain.retrain_epochs)  # retrain = best + 1
+    model.fit(x_train, y_train, batch_size=64, epochs=200,
+              validation_data=(x_val, y_val), callbacks=[stop, retrain])
     ```
 
     Reference:
-        Goodfellow, Bengio & Courville, "Deep Learning", MIT Press 2016,
-        section 7.8, algorithms 7.2 and 7.3.
+        Goodfellow, Bengio & Courville, "Deep Learning" (2016), section 7.8.
     """
 
     def __init__(self, x, y=None, algorithm="restart", length="epochs",
@@ -259,9 +190,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
             saved = state_files.load_checkpoint_state(
                 self.resume_from, _STATE_NAME, "RetrainOnFullData")
         self._start_restored = saved is not None
+        values = self._values()
         if saved is None:
             self._phase1_logs = []
-            self._start_values = self._values()  # the initial ones
+            self._start_values = values  # the initial ones
             return
         numbers, arrays = saved
         self._phase1_logs = numbers["phase1_logs"]
@@ -269,12 +201,12 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if self._phase2_start is not None and not arrays:
             # A checkpoint file of phase 2: the model loaded from it holds
             # the weights (and optimizer state) phase 2 goes on from.
-            self._start_values = self._values()
-        elif len(arrays) != len(self._values()):
+            self._start_values = values
+        elif len(arrays) != len(values):
             raise ValueError(
                 f"The RetrainOnFullData state in {source!r} holds "
                 f"{len(arrays)} weights and optimizer variables but this "
-                f"model has {len(self._values())}."
+                f"model has {len(values)}."
             )
         else:
             self._start_values = arrays
@@ -343,7 +275,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
                    "num_arrays": len(self._start_values)}
         if arrays:
             state_files.save_state(folder, _STATE_NAME, numbers,
-                               self._start_values)
+                                   self._start_values)
         else:
             state_files.save_json(folder, _STATE_NAME, numbers)
 
@@ -374,14 +306,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._check_phase1(stop)
         if not stop._finished:  # listed after this callback
             stop._finish()  # restore the best weights before phase 2
-        verbose = self.params.get("verbose", 0) if self.params else 0
         if not resuming:
             self._plan = self._make_plan(stop)
-        if self._plan is None:  # "continue": already below the target
-            self.retrain_history = None
-            rows = []
-        else:
-            rows = self._phase2(resuming, verbose)
+        # No plan: "continue", with the loss already below the target.
+        rows = [] if self._plan is None else self._phase2(resuming)
         self.retrain_epochs = rows[-1][0] + 1 if rows else 0
         self._merge_histories(rows)
 
@@ -439,9 +367,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 epochs = math.ceil(epochs * full_steps / train_steps)
         return {**plan, "epochs": epochs}
 
-    def _phase2(self, resuming, verbose):
+    def _phase2(self, resuming):
         """Runs phase 2 (resumed from its backup, if any); its log rows."""
         plan = self._plan
+        verbose = self.params.get("verbose", 0) if self.params else 0
         backup = None
         created = False
         if self._folder is not None:
@@ -490,9 +419,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         keras_private.forget_resumed_epoch(self.model)
         registry.register(self, "retrain_on_full_data")
         rows = _logged(recorder.rows[:recorder.first_epoch]) + _rows(history)
-        self.retrain_history = keras.callbacks.History()
-        self.retrain_history.epoch = [epoch for epoch, _ in rows]
-        self.retrain_history.history = _columns(rows)
+        self.retrain_history = _set_rows(keras.callbacks.History(), rows)
         if self._folder is not None:
             state_files.delete_state(self._folder, _STATE_NAME)
             shutil.rmtree(backup, ignore_errors=True)
@@ -558,11 +485,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
         # Epochs logged before this fit (resumed): from the saved state.
         earlier = self._phase1_logs[:self._first_epoch]
         phase1_rows = _logged(earlier) + _rows(outer)
-        rows = phase1_rows + phase2_rows
-        outer.history = _columns(rows)
+        _set_rows(outer, phase1_rows + phase2_rows)
         outer.history["phase"] = [1] * len(phase1_rows) + [2] * len(
             phase2_rows)
-        outer.epoch = [epoch for epoch, _ in rows]
         self.model.history = outer
 
     # Checks ----------------------------------------------------------------
@@ -668,154 +593,3 @@ class RetrainOnFullData(keras.callbacks.Callback):
             "resume_from": self.resume_from,
             "steps_per_epoch": self.steps_per_epoch,
         }
-
-
-class _StopBelow(keras.callbacks.Callback):
-    """Algorithm 7.3's loop condition, checked after every epoch."""
-
-    def __init__(self, target, validation_loss):
-        super().__init__()
-        self.target = target
-        self.validation_loss = validation_loss
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = self.validation_loss()
-        if logs is not None:
-            logs["val_part_loss"] = loss
-        if loss < self.target:
-            self.model.stop_training = True
-
-
-class _Phase2Logs(keras.callbacks.Callback):
-    """Keeps phase 2's epoch logs, saved in `folder` (if any) so that a
-    resumed phase 2 still reports the epochs run before the interruption.
-
-    Stands for `owner` in phase 2's ``fit``: a `kreg.callbacks.ModelCheckpoint`
-    there writes the phase-2 state beside each file, once this epoch is
-    logged."""
-
-    def __init__(self, owner, folder, rows=()):
-        super().__init__()
-        self.owner = owner
-        self.folder = folder
-        self.initial_rows = list(rows)  # from a phase-2 checkpoint
-        self.rows = []
-        self.first_epoch = None
-
-    def on_train_begin(self, logs=None):
-        registry.register(self, "retrain_on_full_data")
-        saved = None
-        if self.folder is not None:
-            saved = state_files.load_json(self.folder, _PHASE2_LOGS)
-        self.rows = (list(self.initial_rows) if saved is None
-                     else saved["rows"])
-        self.first_epoch = None
-        self._checkpoint_writes = state_files.CheckpointWrites(self._write)
-
-    def _write(self, folder, epoch, at_epoch_end):
-        if not at_epoch_end:  # mid-epoch: a resumed fit runs it again
-            resume_at = epoch
-        elif self.model.stop_training:
-            # Phase 2 stopped here (algorithm 7.3's condition, or a
-            # callback): a fit resumed from this file runs no more epochs.
-            resume_at = self.owner._plan["epochs"]
-        else:
-            resume_at = epoch + 1
-        self.owner._save_phase2_checkpoint_state(folder, resume_at,
-                                                 self.rows[:resume_at])
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.first_epoch is None:
-            self.first_epoch = epoch
-            self.rows = _up_to(self.rows, epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.rows.append(_numbers(logs))
-        if self.folder is not None:
-            state_files.save_json(self.folder, _PHASE2_LOGS, {"rows": self.rows})
-        self._checkpoint_writes.epoch_finished(epoch)
-
-
-def _numbers(logs):
-    """The scalar entries of epoch logs as floats (JSON-serializable)."""
-    row = {}
-    for key, value in (logs or {}).items():
-        try:
-            row[key] = float(value)
-        except (TypeError, ValueError):
-            pass
-    return row
-
-
-def _up_to(logs, epoch):
-    """Saved epoch logs for a fit (re)starting at `epoch`: those of the
-    epochs before it, ``{}`` for any not saved."""
-    return logs[:epoch] + [{}] * (epoch - len(logs))
-
-
-def _logged(logs):
-    """``(epoch, logs)`` rows of a list of epoch logs, without the epochs
-    whose logs are missing (run before an interruption, not saved)."""
-    return [(epoch, row) for epoch, row in enumerate(logs) if row]
-
-
-def _rows(history):
-    """A History's epochs as ``(epoch, logs)`` rows."""
-    if history is None:
-        return []
-    return [
-        (epoch, {k: v[i] for k, v in history.history.items() if i < len(v)})
-        for i, epoch in enumerate(history.epoch)
-    ]
-
-
-def _columns(rows):
-    """One list per key (first-seen order), NaN where a row lacks it."""
-    keys = []
-    for _, row in rows:
-        keys += [k for k in row if k not in keys]
-    return {k: [row.get(k, math.nan) for _, row in rows] for k in keys}
-
-
-@contextlib.contextmanager
-def _random_state_kept(model):
-    """Leaves the model's non-trainable variables (random-seed states
-    among them: a dropout active at inference draws in the test step) and
-    the global random generators (NumPy, Python, PyTorch's: a DataLoader
-    iterator draws its seed there) as they were: the check does not change
-    phase 1."""
-    values = [keras.ops.convert_to_numpy(v.value)
-              for v in model.non_trainable_variables]
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    torch = sys.modules.get("torch")
-    torch_state = None if torch is None else torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        for variable, value in zip(model.non_trainable_variables, values):
-            variable.assign(value)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-        if torch_state is not None:
-            torch.random.set_rng_state(torch_state)
-
-
-_INFINITE = -1  # tf.data.INFINITE_CARDINALITY
-
-
-def _cardinality(x):
-    """A tf.data.Dataset's number of batches (-1: endless, -2: unknown);
-    None for anything else."""
-    if not hasattr(x, "cardinality"):
-        return None
-    try:
-        return int(x.cardinality())
-    except Exception:
-        return None
-
-
-def _is_dataset(x):
-    return hasattr(x, "element_spec") or (
-        hasattr(x, "__iter__") and not hasattr(x, "shape")
-        and not isinstance(x, (list, tuple, dict))
-    )

@@ -168,8 +168,6 @@ class ClippedOptimizer(OptimizerWrapper):
             shape=(len(var_list),), dtype="float32",
             aggregation="only_first_replica", name="variable_grad_norms",
         )
-        self.inner_optimizer.build(var_list)
-        super().build(var_list)
 
     @property
     def grad_norm(self):

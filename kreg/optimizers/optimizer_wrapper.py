@@ -19,12 +19,15 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     Subclasses create their own variables in `build_own(var_list)`, which
     runs before the inner optimizer is built.
 
-    `install(model, make)` puts a wrapper around a compiled model's
-    optimizer (the one from ``make(model.optimizer)``) unless one of the
-    same class is already in its chain of wrappers, and rebuilds the
-    model's train function with the public
-    ``model.make_train_function(force=True)``, so later fits reuse that
-    train function: the first fit of the wrapped model compiles once.
+    `install(model, cls, make)` puts a wrapper around a compiled model's
+    optimizer (the one from ``make(model.optimizer)``) unless one of class
+    `cls` is already in its chain of wrappers, and rebuilds the model's
+    train function with the public ``model.make_train_function(force=True)``,
+    so later fits reuse that train function: the first fit of the wrapped
+    model compiles once. An installed wrapper saves and loads the inner
+    optimizer's state only (`saves_inner_state_only`): checkpoints written
+    while it is in place hold the optimizer state of the model's own
+    optimizer, as without it, and load into the model compiled as before.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (or a name or
@@ -43,6 +46,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
             )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
+        self.saves_inner_state_only = False
 
     def build_own(self, var_list):
         """Creates the wrapper's own variables (`add_variable`)."""
@@ -74,6 +78,18 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+    def save_own_variables(self, store):
+        if self.saves_inner_state_only:
+            self.inner_optimizer.save_own_variables(store)
+        else:
+            super().save_own_variables(store)
+
+    def load_own_variables(self, store):
+        if self.saves_inner_state_only:
+            self.inner_optimizer.load_own_variables(store)
+        else:
+            super().load_own_variables(store)
 
     def get_config(self):
         return {
@@ -120,6 +136,7 @@ def install(model, cls, make):
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         wrapper = make(optimizer)
+        wrapper.saves_inner_state_only = True
         wrapper.build(model.trainable_variables)
     model.optimizer = wrapper
     if model.train_function is not None:

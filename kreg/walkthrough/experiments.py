@@ -290,21 +290,18 @@ def gradients(dataset, quick=False):
     def sgd():
         return keras.optimizers.SGD(0.01, momentum=0.9)
 
-    def measured():
-        return kreg.optimizers.ClippedOptimizer(sgd())
-
     def clipped():
         return kreg.optimizers.ClippedOptimizer(sgd(), global_clipnorm=1.0)
 
     arms = [
         Arm("sigmoid, N(0, 0.01^2) init", deep("sigmoid", small),
-            optimizer=measured, callbacks=_monitor,
+            optimizer=sgd, callbacks=_monitor,
             collect=_first_epoch_layer_norms),
         Arm("sigmoid, N(0, 0.01^2) + BatchNormalization",
-            deep("sigmoid", small, batch_norm=True), optimizer=measured,
+            deep("sigmoid", small, batch_norm=True), optimizer=sgd,
             callbacks=_monitor, collect=_first_epoch_layer_norms),
         Arm("ReLU, 1/sqrt(n_in) init (lecture)", deep("relu", lecture),
-            optimizer=measured, callbacks=_monitor,
+            optimizer=sgd, callbacks=_monitor,
             collect=_first_epoch_layer_norms),
         Arm("ReLU, 3/sqrt(n_in) init, plain SGD", deep("relu", large),
             optimizer=sgd),

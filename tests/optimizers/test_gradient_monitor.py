@@ -126,11 +126,65 @@ class GradientMonitorTest(TestCase):
         with self.assertRaisesRegex(Exception, "non-finite gradient"):
             self._fit(linear_model(), opt, x, y, GradientMonitor(), epochs=1)
 
-    def test_needs_a_clipped_optimizer(self):
+    def test_any_optimizer(self):
         x, y = linear_data()
-        with self.assertRaisesRegex(ValueError, "ClippedOptimizer"):
-            self._fit(linear_model(), keras.optimizers.SGD(0.1), x, y,
-                      GradientMonitor(), epochs=1)
+        # Learning rate 0: each step's gradient is the NumPy gradient at
+        # the initial weights (as with a ClippedOptimizer above).
+        expected = np.mean([
+            numpy_linear_grad_norm(x[i:i + 16], y[i:i + 16])
+            for i in range(0, 48, 16)
+        ])
+        for optimizer in (keras.optimizers.SGD(0.0),
+                          keras.optimizers.Adam(0.0)):
+            with self.subTest(optimizer=type(optimizer).__name__):
+                history = self._fit(linear_model(), optimizer, x, y,
+                                    GradientMonitor(frequency=2))
+                self.assertAllClose(history.history["grad_norm"],
+                                    [expected] * 2, rtol=1e-4)
+                # No clipping nor skipping to report without one.
+                self.assertNotIn("clipped_steps", history.history)
+        # The optimizer's updates are those without the monitor.
+        models = []
+        for callback in (GradientMonitor(), keras.callbacks.History()):
+            models.append(linear_model())
+            self._fit(models[-1], keras.optimizers.SGD(0.1, momentum=0.5),
+                      x, y, callback)
+        for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_deep_sigmoid_network_with_plain_sgd(self):
+        # The walkthrough's deep network: 8 sigmoid layers of 64 units,
+        # weights N(0, 0.01^2), plain SGD: the first layers' gradients
+        # vanish, and the warning names the first one.
+        rng = np.random.RandomState(0)
+        x = rng.rand(64, 16).astype("float32")
+        y = rng.randint(0, 4, 64)
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((16,))]
+        for _ in range(8):
+            layers.append(keras.layers.Dense(
+                64, activation="sigmoid",
+                kernel_initializer=keras.initializers.RandomNormal(
+                    stddev=0.01)))
+        layers.append(keras.layers.Dense(4))
+        model = keras.Sequential(layers)
+        model.compile(keras.optimizers.SGD(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        monitor = GradientMonitor(frequency=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[monitor])
+        norms = list(monitor.layer_norms.values())
+        self.assertEqual(len(norms), 9)
+        self.assertLess(norms[0], 1e-7)
+        self.assertGreater(norms[-1], 1e-3)
+        self.assertLess(norms[0], norms[4])
+        first = model.layers[0].name
+        self.assertTrue(any(
+            "vanishing gradients in layer" in str(w.message)
+            and first in str(w.message) for w in caught))
 
     def test_finds_the_wrapper_inside_a_loss_scale_optimizer(self):
         x, y = linear_data()
