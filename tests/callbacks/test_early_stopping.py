@@ -88,7 +88,8 @@ class SyntheticLogsTest(TestCase):
 
     def test_hand_computed_max_mode_min_delta(self):
         # Improvements must exceed 0.1: 0.55 (ep 1) and 0.58 (ep 2) do not.
-        cb = EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.1)
+        cb = EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.1,
+                           mode="max")
         run = drive(cb, tiny_model(), [0.5, 0.55, 0.58, 0.9], "val_accuracy")
         self.assertEqual(run, 3)
         self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch), (0, 0.5, 2))
