@@ -14,7 +14,8 @@ and of 10 epochs.
 - ``--mode reused``: one ``EMA()`` instance passed to every fit.
 
 Prints the median per-round ratio of whole-``fit`` times, EMA / without
-(targets: <= 1.15 for 1-epoch fits, <= 1.05 for 10-epoch fits).
+(targets: <= 1.15 for 1-epoch fits, <= 1.05 for 10-epoch fits), over
+``--rounds`` rounds of 1-epoch fits and a third as many of longer ones.
 
     python benchmarks/bench_ema.py [--mnist-dir DIR] [--mode fresh|reused]
         [--rounds 15] [--epochs 1,10]
@@ -91,7 +92,8 @@ def main():
     timed_fit(averaged, data, 1, ema())
     for epochs in (int(e) for e in args.epochs.split(",")):
         ratios, without, with_ema = [], [], []
-        for round_index in range(args.rounds):
+        rounds = args.rounds if epochs == 1 else max(3, args.rounds // 3)
+        for round_index in range(rounds):
             order = [("plain", plain), ("ema", averaged)]
             if round_index % 2:
                 order.reverse()
