@@ -93,7 +93,7 @@ class AveragingOptimizer(OptimizerWrapper):
         else:
             for shadow, w in zip(self.shadows, weights):
                 s = shadow.value
-                shadow.assign(s - ops.cast(rate, s.dtype) * (s - w))
+                shadow.assign_sub(ops.cast(rate, s.dtype) * (s - w))
         self.count.assign(count)
 
     def apply(self, grads, trainable_variables=None):
