@@ -155,7 +155,10 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
             stacklevel=2,
         )
     if isinstance(model, keras.Model):
-        # Compiled train/test steps were traced without the new losses.
-        model.train_function = None
-        model.test_function = None
+        # Compiled train/test steps were traced without the new losses:
+        # rebuilt (traced again at their next call) with Keras's public API.
+        if model.train_function is not None:
+            model.make_train_function(force=True)
+        if model.test_function is not None:
+            model.make_test_function(force=True)
     return penalized
