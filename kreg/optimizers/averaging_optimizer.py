@@ -82,7 +82,14 @@ class AveragingOptimizer(OptimizerWrapper):
 
     def _average(self, weights, stepped):
         rate, count = self._rate(stepped)
-        if keras.backend.backend() == "torch":
+        backend = keras.backend.backend()
+        if backend == "tensorflow" and _tf_without_strategy():
+            # One XLA cluster for all shadows (Keras compiles the train step
+            # of many models without XLA on TensorFlow).
+            if getattr(self, "_xla_update", None) is None:
+                self._xla_update = _xla_update(self.shadows)
+            self._xla_update([w.value for w in weights], rate)
+        elif backend == "torch":
             import torch
 
             with torch.no_grad():
@@ -132,3 +139,23 @@ class AveragingOptimizer(OptimizerWrapper):
             self._average(new_weights, stepped)
             new_own = [scope.get_current_value(v) for v in own_variables]
         return new_weights, new_own + list(new_inner)
+
+
+def _tf_without_strategy():
+    import tensorflow as tf
+
+    return not tf.distribute.has_strategy()
+
+
+def _xla_update(shadows):
+    """``s -= rate * (s - w)`` for every shadow, in one XLA-compiled
+    TensorFlow function."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, autograph=False)
+    def update(weights, rate):
+        for shadow, w in zip(shadows, weights):
+            s = shadow.value
+            s.assign_sub(tf.cast(rate, s.dtype) * (s - w))
+
+    return update
