@@ -136,20 +136,13 @@ class EMA(keras.callbacks.Callback):
     def averaged_model_weights(self):
         """``model.get_weights()`` with the averaged values where averaged."""
         self._check_started()
-        by_id = {id(v): s for v, s in
-                 zip(self._targets, self._shadow_values())}
-        return [keras.ops.convert_to_numpy(by_id.get(id(w), w))
-                for w in self.model.weights]
+        return self._model_weights(self._shadow_values())
 
     def raw_model_weights(self):
         """``model.get_weights()`` with the raw values, also while the
         averaged weights are swapped in."""
         self._check_started()
-        if not (self._averaged_in_model and self._backup is not None):
-            return self.model.get_weights()
-        by_id = {id(v): b for v, b in zip(self._targets, self._backup)}
-        return [keras.ops.convert_to_numpy(by_id.get(id(w), w))
-                for w in self.model.weights]
+        return self._model_weights(self._raw_values())
 
     def swap_in(self):
         """Puts the averaged weights into the model (no-op if already in)."""
@@ -333,6 +326,19 @@ class EMA(keras.callbacks.Callback):
             state_files.delete_state(self._backup_folder, _STATE_NAME)
 
     # Internals -------------------------------------------------------------
+    def _raw_values(self):
+        """The raw values of the averaged variables, also while the averaged
+        ones are swapped in."""
+        if self._averaged_in_model and self._backup is not None:
+            return self._backup
+        return [v.value for v in self._targets]
+
+    def _model_weights(self, values):
+        """``model.get_weights()`` with `values` for the averaged ones."""
+        by_id = {id(v): value for v, value in zip(self._targets, values)}
+        return [keras.ops.convert_to_numpy(by_id.get(id(w), w.value))
+                for w in self.model.weights]
+
     def _shadow_values(self):
         if not self._live:
             return self._shadow
@@ -419,15 +425,11 @@ class EMA(keras.callbacks.Callback):
     def _save_state(self, folder, epoch):
         """Writes the shadow, the raw weights and the step count to `folder`
         (for a ``fit`` resumed at `epoch`)."""
-        if self._averaged_in_model and self._backup is not None:
-            raw = self._backup
-        else:
-            raw = [v.value for v in self._targets]
         shadow = _numpy(self._shadow_values())
         state_files.save_state(
             folder, _STATE_NAME,
             {"steps": self.steps, "epoch": epoch, "num_shadow": len(shadow)},
-            shadow + _numpy(raw))
+            shadow + _numpy(self._raw_values()))
 
     def _shadow_in_model(self):
         return all(np.array_equal(a, b) for a, b in zip(
