@@ -105,11 +105,14 @@ class EMA(keras.callbacks.Callback):
         self._targets = None  # the averaged variables
         self._shadow = None  # their averages while no epoch runs
         self._steps = 0
-        self._backup = None  # the raw weights while the averaged are in
-        self._averaged_in_model = False
-        self._in_fit = self._live = self._epoch_view = False
-        self._swapped_for_inference = False
         self._extra_count = None
+        self._reset(in_fit=False)
+
+    def _reset(self, in_fit):
+        self._in_fit, self._started, self._live = in_fit, False, False
+        self._epoch_view = self._restored_by_early_stopping = False
+        self._backup = None  # the raw weights while the averaged are in
+        self._averaged_in_model = self._swapped_for_inference = False
 
     # Public API ------------------------------------------------------------
     @property
@@ -247,10 +250,7 @@ class EMA(keras.callbacks.Callback):
                         if "float" in str(v.dtype)]
         self._targets = targets
         self._fitted_model = self.model
-        self._in_fit, self._started, self._live = True, False, False
-        self._epoch_view = self._restored_by_early_stopping = False
-        self._averaged_in_model, self._backup = False, None
-        self._swapped_for_inference = False
+        self._reset(in_fit=True)
         self._backup_folder = registry.backup_folder(self, self.backup_dir)
         self._pending = None
         if self._backup_folder is not None:
@@ -492,16 +492,10 @@ class EMA(keras.callbacks.Callback):
                 "first (the shadow is created when training begins).")
 
     def get_config(self):
-        return {
-            "decay": self.decay,
-            "warmup": self.warmup,
-            "warmup_power": self.warmup_power,
-            "validate_with_averaged": self.validate_with_averaged,
-            "keep_averaged": self.keep_averaged,
-            "average_non_trainable": self.average_non_trainable,
-            "backup_dir": self.backup_dir,
-            "resume_from": self.resume_from,
-        }
+        return {name: getattr(self, name) for name in (
+            "decay", "warmup", "warmup_power", "validate_with_averaged",
+            "keep_averaged", "average_non_trainable", "backup_dir",
+            "resume_from")}
 
     @classmethod
     def from_config(cls, config):

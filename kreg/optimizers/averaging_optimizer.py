@@ -1,6 +1,7 @@
 """AveragingOptimizer: the per-step update of `kreg.callbacks.EMA`."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
@@ -53,15 +54,10 @@ class AveragingOptimizer(OptimizerWrapper):
             aggregation="only_first_replica", name="average_settings",
         )
 
-    def configure(self, active, decay=None, warmup_power=None):
-        """Switches averaging on or off (and sets the decay and warm-up)."""
-        values = keras.ops.convert_to_numpy(self.settings.value).copy()
-        values[0] = float(active)
-        if decay is not None:
-            values[1] = decay
-        if warmup_power is not None:
-            values[2] = warmup_power
-        self.settings.assign(values)
+    def configure(self, active, decay=0.0, warmup_power=0.0):
+        """Switches averaging on (with a decay and warm-up power) or off."""
+        self.settings.assign(
+            np.array([float(active), decay, warmup_power], "float32"))
 
     def finalize_variable_values(self, var_list):
         # The end of a fit (on JAX also an interrupted one): no averaging
@@ -115,8 +111,7 @@ class AveragingOptimizer(OptimizerWrapper):
                 self.build(trainable_variables)
         before = ops.copy(self.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
-        stepped = ops.not_equal(ops.copy(self.iterations),
-                                before)
+        stepped = ops.not_equal(ops.copy(self.iterations), before)
         self._average(trainable_variables, stepped)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -131,8 +126,7 @@ class AveragingOptimizer(OptimizerWrapper):
             inner_values, grads, trainable_variables)
         with keras.StatelessScope(
                 state_mapping=list(zip(inner.variables, new_inner))):
-            stepped = ops.not_equal(ops.copy(self.iterations),
-                                    before)
+            stepped = ops.not_equal(ops.copy(self.iterations), before)
         own_variables = self.variables[:own]
         with keras.StatelessScope(
                 state_mapping=list(zip(own_variables, own_values))) as scope:
