@@ -19,6 +19,11 @@ the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
    ``apply`` gets no variables, as Keras's own optimizers allow) and in
    ``GradientMonitor`` (the order of the per-variable gradient norms):
    the variables the optimizer was built with have no public accessor.
+4. ``Metric._direction = "down"`` in ``BrierScore`` and
+   ``ExpectedCalibrationError`` (kreg/metrics/): how a Keras metric tells
+   ``EarlyStopping(mode="auto")`` and ``ModelCheckpoint`` that lower is
+   better (Keras's own metrics set it in their ``__init__``); without it
+   ``mode="auto"`` on ``val_ece`` raises.
 """
 
 

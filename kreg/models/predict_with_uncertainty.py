@@ -1,0 +1,44 @@
+"""The mean prediction and its spread, for an ensemble or MC dropout."""
+
+from kreg.layers.mc_predict import mc_predict
+from kreg.models.ensemble import Ensemble
+
+
+def predict_with_uncertainty(model, x, num_samples=20, batch_size=None):
+    """The predictive mean and the spread of a set of predictions.
+
+    - For a `kreg.models.Ensemble`: over its ``k`` members, as
+      probabilities where the members output logits (``combine="softmax"``
+      or ``"sigmoid"``); the mean is the ensemble's averaged probability.
+    - For any other model: over ``num_samples`` Monte-Carlo dropout passes
+      (`kreg.layers.mc_predict`; the model needs a
+      ``kreg.layers.Dropout(mc=True)``), on the model's outputs as they are.
+
+    Args:
+        model: a `kreg.models.Ensemble` or a model with MC dropout.
+        x: the inputs (arrays, or a list/dict of arrays).
+        num_samples: the number of MC-dropout passes (ignored for an
+            ensemble). Defaults to `20`.
+        batch_size: examples per forward call. Defaults to `None`.
+
+    Returns:
+        ``(mean, std)``: NumPy arrays with the shape of one prediction; the
+        standard deviation is the population one, over members or passes.
+
+    Example:
+
+    ```python
+    mean, std = kreg.models.predict_with_uncertainty(ensemble, x_test)
+    uncertain = std.max(axis=-1) > 0.2
+    ```
+
+    References:
+        Lakshminarayanan et al., "Simple and Scalable Predictive Uncertainty
+        Estimation using Deep Ensembles", NeurIPS 2017; Gal & Ghahramani,
+        "Dropout as a Bayesian Approximation", ICML 2016.
+    """
+    if isinstance(model, Ensemble):
+        samples = model.predict_members(x, batch_size=batch_size)
+        return samples.mean(axis=0), samples.std(axis=0)
+    return mc_predict(model, x, num_samples=num_samples,
+                      batch_size=batch_size)
