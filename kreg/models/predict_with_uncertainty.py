@@ -1,10 +1,13 @@
 """The mean prediction and its spread, for an ensemble or MC dropout."""
 
+import keras
+
 from kreg.layers.mc_predict import mc_predict
 from kreg.models.ensemble import Ensemble
 
 
-def predict_with_uncertainty(model, x, num_samples=20, batch_size=None):
+def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
+                             from_logits=False):
     """The predictive mean and the spread of a set of predictions.
 
     - For a `kreg.models.Ensemble`: over its ``k`` members, as
@@ -12,7 +15,8 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None):
       or ``"sigmoid"``); the mean is the ensemble's averaged probability.
     - For any other model: over ``num_samples`` Monte-Carlo dropout passes
       (`kreg.layers.mc_predict`; the model needs a
-      ``kreg.layers.Dropout(mc=True)``), on the model's outputs as they are.
+      ``kreg.layers.Dropout(mc=True)``), on the model's outputs, or on
+      their probabilities with ``from_logits=True``.
 
     Args:
         model: a `kreg.models.Ensemble` or a model with MC dropout.
@@ -20,6 +24,9 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None):
         num_samples: the number of MC-dropout passes (ignored for an
             ensemble). Defaults to `20`.
         batch_size: examples per forward call. Defaults to `None`.
+        from_logits: MC dropout only: the model outputs logits; each pass
+            is turned into probabilities (softmax, or sigmoid for one unit)
+            before the mean and spread. Defaults to `False`.
 
     Returns:
         ``(mean, std)``: NumPy arrays with the shape of one prediction; the
@@ -40,5 +47,14 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None):
     if isinstance(model, Ensemble):
         samples = model.predict_members(x, batch_size=batch_size)
         return samples.mean(axis=0), samples.std(axis=0)
+    if from_logits:
+        model = keras.Sequential([model, keras.layers.Activation(
+            _probabilities)])
     return mc_predict(model, x, num_samples=num_samples,
                       batch_size=batch_size)
+
+
+def _probabilities(logits):
+    if logits.shape[-1] == 1:
+        return keras.ops.sigmoid(logits)
+    return keras.ops.softmax(logits, axis=-1)

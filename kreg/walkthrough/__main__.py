@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "early_stopping": catalog.early_stopping,
     "gradients": catalog.gradients,
     "optimizers": catalog.optimizers,
+    "bagging": catalog.bagging,
 }
 
 
@@ -97,6 +98,8 @@ def main(argv=None):
         report.print_table(experiment)
         plots = [report.plot_curves(experiment, args.output),
                  report.plot_layer_norms(experiment, args.output)]
+        if experiment.key == "bagging":
+            plots.append(report.plot_reliability(experiment, args.output))
         written.append((experiment, [p for p in plots if p]))
     path = report.write_markdown(written, args.output, header)
     count = sum(len(plots) for _, plots in written)

@@ -6,6 +6,7 @@ budget. `quick=True` shrinks budgets for a smoke run.
 """
 
 import keras
+import numpy as np
 
 import kreg
 from kreg.walkthrough.runner import Arm
@@ -168,8 +169,6 @@ def overfitting(dataset, quick=False):
 
 
 def _validation_split(dataset, fraction=0.2, seed=0):
-    import numpy as np
-
     index = np.random.RandomState(seed).permutation(len(dataset.x_train))
     cut = int(round(len(index) * (1 - fraction)))
     train, val = index[:cut], index[cut:]
@@ -338,3 +337,65 @@ def layer_norm_notes(experiment):
             f"of the output layer {last:.2e} (ratio {first / last:.1e})"
         )
     return notes
+
+
+def bagging(dataset, quick=False):
+    """Lecture: "Bagging & Dropout". One network, dropout, MC dropout at
+    test time, and ensembles of 5 (bootstrap samples, or all the data)."""
+    train_size = 300 if quick else 400
+    data = dataset.subset(train_size, seed=0)
+    width = (256, 256)
+    members = 5
+
+    def plain(seed, d):
+        return mlp(d, seed, hidden=width)
+
+    def dropout(seed, d):
+        return mlp(d, seed, hidden=width, input_dropout=0.2,
+                   hidden_dropout=0.5)
+
+    def mc_dropout(seed, d):
+        model = dropout(seed, d)
+        for layer in model.layers:
+            if isinstance(layer, kreg.layers.Dropout):
+                layer.mc = True
+        return model
+
+    def mc_predict(model, x):
+        mean, _ = kreg.models.predict_with_uncertainty(
+            model, x, num_samples=20, from_logits=True)
+        return np.log(np.maximum(mean, 1e-12))
+
+    def ensemble(mode):
+        def build(seed, d):
+            # Each member its own initialization (seed, seed + 1000, ...).
+            made = iter(range(seed, seed + 1000 * members, 1000))
+            return kreg.models.Ensemble(
+                lambda: mlp(d, next(made), hidden=width),
+                num_members=members, mode=mode, combine="softmax", seed=seed)
+        return build
+
+    arms = [
+        Arm("one network", plain),
+        Arm("dropout 0.2 in / 0.5 hidden", dropout),
+        Arm("same + MC dropout at test time (20 passes)", mc_dropout,
+            predict=mc_predict),
+        Arm(f"bagging, {members} members (bootstrap)", ensemble("bootstrap")),
+        Arm(f"ensemble of {members} on all the data", ensemble("full")),
+    ]
+    return Experiment(
+        key="bagging",
+        title="Bagging and dropout",
+        question=(
+            f"A 256-256 ReLU network on {train_size} examples, the same "
+            "epochs for every arm (an ensemble trains its 5 members in one "
+            "fit: 5 times the compute). The lecture: bagging averages k "
+            "models trained on bootstrap samples; dropout is a cheap "
+            "approximation of it, by parameter sharing between sub-networks."
+            " Scored on accuracy, cross-entropy (NLL) and expected "
+            "calibration error (15 bins)."
+        ),
+        dataset=data,
+        arms=arms,
+        epochs=8 if quick else 40,
+    )

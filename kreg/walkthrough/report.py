@@ -10,14 +10,16 @@ from kreg.walkthrough.runner import summarize
 def table_lines(experiment):
     """The experiment's results as Markdown table lines."""
     lines = [
-        "| arm | test accuracy | test loss | epochs | time per run |",
-        "| --- | --- | --- | --- | --- |",
+        "| arm | test accuracy | test loss | test ECE | epochs "
+        "| time per run |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in summarize(experiment):
         lines.append(
             f"| {row['arm']} "
             f"| {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} "
             f"| {row['loss_mean']:.4f} ± {row['loss_std']:.4f} "
+            f"| {row['ece_mean']:.4f} ± {row['ece_std']:.4f} "
             f"| {row['epochs']:.1f} | {row['seconds']:.1f} s |"
         )
     return lines
@@ -141,6 +143,40 @@ def plot_layer_norms(experiment, folder):
     axis.set_title("Where the gradient vanishes")
     figure.tight_layout()
     name = f"{experiment.key}_layer_norms.png"
+    figure.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(figure)
+    return name
+
+
+def plot_reliability(experiment, folder):
+    """Reliability diagram: accuracy against confidence per arm (test
+    predictions of all seeds pooled, 15 bins); returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":",
+              label="perfectly calibrated")
+    for arm in experiment.arms:
+        bins = [r.extras["calibration_bins"] for r in experiment.results
+                if r.arm == arm.name]
+        if not bins:
+            continue
+        counts, confidences, hits = (np.sum(part, axis=0)
+                                     for part in zip(*bins))
+        used = counts > 0
+        axis.plot(confidences[used] / counts[used],
+                  hits[used] / counts[used], marker="o", label=arm.name)
+    axis.set_xlabel("confidence (mean per bin)")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    axis.set_title(f"{experiment.title}: calibration")
+    figure.tight_layout()
+    name = f"{experiment.key}_reliability.png"
     figure.savefig(os.path.join(folder, name), dpi=100)
     plt.close(figure)
     return name

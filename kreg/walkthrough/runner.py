@@ -5,7 +5,8 @@ an optimizer, a training loss and callbacks. Every arm of an experiment gets
 the same data, seeds, epoch budget and batch size; what is measured is the
 test accuracy and the test cross-entropy (always against the plain labels,
 so arms that change the training loss, like label smoothing, are scored
-alike), the epochs actually run, the wall time and per-epoch curves.
+alike), the expected calibration error, the epochs actually run, the wall
+time and per-epoch curves.
 """
 
 import dataclasses
@@ -24,6 +25,26 @@ def cross_entropy_and_accuracy(logits, labels):
     loss = -log_probs[np.arange(len(labels)), labels].mean()
     accuracy = (logits.argmax(axis=1) == labels).mean()
     return float(loss), float(accuracy)
+
+
+def calibration_bins(logits, labels, num_bins=15):
+    """Per confidence bin over [0, 1]: the count, the sum of confidences
+    and the number of correct predictions (NumPy)."""
+    logits = np.asarray(logits, dtype="float64")
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    confidence = p.max(axis=1)
+    correct = p.argmax(axis=1) == labels
+    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+    return (np.bincount(bins, minlength=num_bins).astype(float),
+            np.bincount(bins, confidence, minlength=num_bins),
+            np.bincount(bins, correct, minlength=num_bins))
+
+
+def expected_calibration_error(bins):
+    """ECE from `calibration_bins`: sum_b |hits_b - confidence_b| / n."""
+    counts, confidences, hits = bins
+    return float(np.abs(hits - confidences).sum() / max(counts.sum(), 1))
 
 
 def default_optimizer():
@@ -49,6 +70,8 @@ class Arm:
             on the whole training split (e.g. to hold out validation data).
         collect: optional ``collect(callbacks) -> dict`` run after training
             on the arm's callbacks; the dict is kept as the run's `extras`.
+        predict: optional ``predict(model, x) -> logits`` replacing
+            ``model.predict`` for the test scores (e.g. MC dropout).
     """
 
     name: str
@@ -58,6 +81,7 @@ class Arm:
     callbacks: Callable = lambda seed, dataset: []
     fit: Callable = None
     collect: Callable = None
+    predict: Callable = None
 
 
 @dataclasses.dataclass
@@ -66,6 +90,7 @@ class RunResult:
     seed: int
     test_loss: float
     test_accuracy: float
+    test_ece: float
     epochs: int
     seconds: float
     curves: dict  # name -> list of per-epoch values
@@ -114,21 +139,27 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     arm_callbacks = list(arm.callbacks(seed, dataset))
     history = fit(model, dataset, epochs, batch_size,
                   arm_callbacks + [curves])
-    logits = model.predict(dataset.x_test, verbose=0, batch_size=1024)
+    if arm.predict is not None:
+        logits = arm.predict(model, dataset.x_test)
+    else:
+        logits = model.predict(dataset.x_test, verbose=0, batch_size=1024)
     test_loss, test_accuracy = cross_entropy_and_accuracy(
         logits, dataset.y_test
     )
+    bins = calibration_bins(logits, dataset.y_test)
     train_loss = [float(v) for v in history.history.get("loss", [])]
     return RunResult(
         arm=arm.name, seed=seed, test_loss=test_loss,
-        test_accuracy=test_accuracy, epochs=len(train_loss),
+        test_accuracy=test_accuracy,
+        test_ece=expected_calibration_error(bins), epochs=len(train_loss),
         seconds=time.perf_counter() - start,
         curves={
             "train_loss": train_loss,
             "test_loss": curves.loss,
             "test_accuracy": curves.accuracy,
         },
-        extras=arm.collect(arm_callbacks) if arm.collect else {},
+        extras={"calibration_bins": bins,
+                **(arm.collect(arm_callbacks) if arm.collect else {})},
     )
 
 
@@ -172,7 +203,9 @@ def summarize(experiment):
             continue
         accuracy = np.array([r.test_accuracy for r in runs])
         loss = np.array([r.test_loss for r in runs])
+        ece = np.array([r.test_ece for r in runs])
         rows.append({
+            "ece_mean": ece.mean(), "ece_std": ece.std(),
             "arm": arm.name,
             "accuracy_mean": accuracy.mean(), "accuracy_std": accuracy.std(),
             "loss_mean": loss.mean(), "loss_std": loss.std(),

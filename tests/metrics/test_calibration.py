@@ -115,3 +115,18 @@ class CalibrationTest(TestCase):
             BrierScore(from_logits="yes")
         self.assertEqual(
             ExpectedCalibrationError(num_bins=np.int64(3)).num_bins, 3)
+
+
+class WalkthroughCalibrationTest(TestCase):
+    def test_walkthrough_ece_equals_the_metric(self):
+        from kreg.walkthrough.runner import calibration_bins
+        from kreg.walkthrough.runner import expected_calibration_error
+
+        rng = np.random.RandomState(3)
+        logits = rng.normal(0, 3, (300, 5))
+        labels = rng.randint(0, 5, 300)
+        metric = ExpectedCalibrationError(num_bins=15, from_logits=True)
+        metric.update_state(labels, logits.astype("float32"))
+        self.assertAlmostEqual(
+            expected_calibration_error(calibration_bins(logits, labels)),
+            float(metric.result()), places=5)

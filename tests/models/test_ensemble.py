@@ -248,3 +248,30 @@ class EnsembleTest(TestCase):
             other(self.x)
             other.load_weights(path)
         self.assertAllClose(other(self.x), ensemble(self.x))
+
+
+class PredictWithUncertaintyTest(TestCase):
+    def test_mc_dropout_model_in_the_same_form(self):
+        rng = np.random.RandomState(0)
+        x = rng.normal(size=(32, 6)).astype("float32")
+        def mc_model():
+            return keras.Sequential([
+                keras.Input((6,)),
+                keras.layers.Dense(16, kernel_initializer=keras.initializers.
+                                   GlorotUniform(seed=3)),
+                kreg.layers.Dropout(0.5, mc=True, seed=1),
+                keras.layers.Dense(3, kernel_initializer=keras.initializers.
+                                   GlorotUniform(seed=4))])
+
+        # Two models with the same weights and dropout seeds draw alike.
+        mean, std = predict_with_uncertainty(mc_model(), x, num_samples=30)
+        reference = kreg.layers.mc_predict(mc_model(), x, num_samples=30)
+        self.assertAllClose(mean, reference[0], atol=1e-5)
+        self.assertAllClose(std, reference[1], atol=1e-5)
+        model = mc_model()
+        self.assertEqual(mean.shape, (32, 3))
+        probabilities, spread = predict_with_uncertainty(
+            model, x, num_samples=30, from_logits=True)
+        self.assertAllClose(probabilities.sum(-1), np.ones(32), atol=1e-5)
+        self.assertGreater(float(spread.min()), 0.0)
+        self.assertLess(float(spread.max()), 0.5)
