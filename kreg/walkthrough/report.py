@@ -150,7 +150,8 @@ def plot_layer_norms(experiment, folder):
 
 def plot_reliability(experiment, folder):
     """Reliability diagram: accuracy against confidence per arm (test
-    predictions of all seeds pooled, 15 bins); returns the file name."""
+    predictions of all seeds pooled, 15 bins; a marker's area is its bin's
+    share of the predictions); returns the file name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,14 +168,19 @@ def plot_reliability(experiment, folder):
         counts, confidences, hits = (np.sum(part, axis=0)
                                      for part in zip(*bins))
         used = counts > 0
-        axis.plot(confidences[used] / counts[used],
-                  hits[used] / counts[used], marker="o", label=arm.name)
+        line, = axis.plot(confidences[used] / counts[used],
+                          hits[used] / counts[used], label=arm.name)
+        # Marker area: the bin's share of the test predictions.
+        axis.scatter(confidences[used] / counts[used],
+                     hits[used] / counts[used], color=line.get_color(),
+                     s=8 + 400 * counts[used] / counts.sum())
     axis.set_xlabel("confidence (mean per bin)")
     axis.set_ylabel("accuracy")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
     axis.legend(fontsize=8)
-    axis.set_title(f"{experiment.title}: calibration")
+    axis.set_title(f"{experiment.title}: calibration (marker area: share "
+                   "of predictions)", fontsize=10)
     figure.tight_layout()
     name = f"{experiment.key}_reliability.png"
     figure.savefig(os.path.join(folder, name), dpi=100)
