@@ -275,3 +275,25 @@ class PredictWithUncertaintyTest(TestCase):
         self.assertAllClose(probabilities.sum(-1), np.ones(32), atol=1e-5)
         self.assertGreater(float(spread.min()), 0.0)
         self.assertLess(float(spread.max()), 0.5)
+
+
+class EnsemblePrecisionTest(TestCase):
+    def test_mixed_precision_fit_and_float32_combination(self):
+        rng = np.random.RandomState(1)
+        x = rng.normal(size=(64, 6)).astype("float32")
+        y = rng.randint(0, 3, 64)
+        with self.mixed_precision("mixed_float16"):
+            ensemble = Ensemble(make_member, num_members=3,
+                                mode="bootstrap", combine="softmax", seed=0)
+            ensemble.compile("adam", sparse_ce())
+            history = ensemble.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        self.assertTrue(np.all(np.isfinite(history.history["loss"])))
+        self.assertEqual(
+            keras.backend.standardize_dtype(ensemble.members[0].weights[0]
+                                            .dtype), "float32")
+        logits = self.to_numpy(ensemble(x)).astype("float64")
+        members = [self.to_numpy(m(x)).astype("float64")
+                   for m in ensemble.members]
+        self.assertAllClose(softmax(logits),
+                            np.mean([softmax(z) for z in members], 0),
+                            atol=2e-3)
