@@ -43,15 +43,19 @@ class Dataset:
     def input_dim(self):
         return int(np.prod(self.x_train.shape[1:]))
 
-    def subset(self, train_size, seed=0):
-        """A copy with a stratified-by-chance random subset of training rows."""
-        if train_size is None or train_size >= len(self.x_train):
-            return self
-        index = np.random.RandomState(seed).permutation(len(self.x_train))
-        index = np.sort(index[:train_size])
-        return dataclasses.replace(
-            self, x_train=self.x_train[index], y_train=self.y_train[index]
-        )
+    def subset(self, train_size, seed=0, test_size=None):
+        """A copy with random subsets of `train_size` training rows (and of
+        `test_size` test rows); None keeps all."""
+        rng = np.random.RandomState(seed)
+        data = self
+        for split, size in (("train", train_size), ("test", test_size)):
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            if size is None or size >= len(x):
+                continue
+            index = np.sort(rng.permutation(len(x))[:size])
+            data = dataclasses.replace(
+                data, **{f"x_{split}": x[index], f"y_{split}": y[index]})
+        return data
 
 
 def standardize(x_train, x_test):

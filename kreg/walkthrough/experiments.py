@@ -196,10 +196,12 @@ def early_stopping(dataset, quick=False):
             (x, y), (x_val, y_val) = _validation_split(d)
             extra = [stopper()]
             if retrain_algorithm is not None:
+                # The test curves go on through phase 2 (the recorders
+                # among `callbacks`).
                 extra.append(kreg.callbacks.RetrainOnFullData(
                     d.x_train, d.y_train, algorithm=retrain_algorithm,
                     batch_size=batch, validation_data=(x_val, y_val),
-                    max_epochs=epochs,
+                    max_epochs=epochs, callbacks=list(callbacks),
                 ))
             return model.fit(
                 x, y, epochs=epochs, batch_size=batch,

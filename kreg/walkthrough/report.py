@@ -7,6 +7,14 @@ import numpy as np
 from kreg.walkthrough.runner import summarize
 
 
+def _cell(row, key, digits):
+    """``mean ± std`` of a column, or how many runs diverged (NaN)."""
+    diverged = row[f"{key}_diverged"]
+    if diverged:
+        return f"diverged in {diverged} of {row['seeds']} runs"
+    return f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+
+
 def table_lines(experiment):
     """The experiment's results as Markdown table lines."""
     lines = [
@@ -18,8 +26,7 @@ def table_lines(experiment):
         lines.append(
             f"| {row['arm']} "
             f"| {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} "
-            f"| {row['loss_mean']:.4f} ± {row['loss_std']:.4f} "
-            f"| {row['ece_mean']:.4f} ± {row['ece_std']:.4f} "
+            f"| {_cell(row, 'loss', 4)} | {_cell(row, 'ece', 4)} "
             f"| {row['epochs']:.1f} | {row['seconds']:.1f} s |"
         )
     return lines
@@ -67,40 +74,86 @@ def _mean_curve(runs, key):
     return np.mean([c[:length] for c in curves], axis=0)
 
 
+def _arm_colour(experiment, arm):
+    """The same colour for an arm in every plot of its experiment."""
+    return f"C{experiment.arms.index(arm) % 10}"
+
+
 def plot_curves(experiment, folder):
     """Mean test loss and accuracy per epoch for every arm; returns the name.
 
-    A NaN or infinite loss (a diverged run) is clipped to the top of the
-    plot rather than dropped, so divergence stays visible.
+    A NaN or infinite loss (a diverged run) is drawn as a cross at the top
+    of the plot rather than dropped, so divergence stays visible. Runs with
+    a second training phase (RetrainOnFullData) are drawn one by one, phase
+    2 dashed after phase 1.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (ax_loss, ax_accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    finite = [v for r in experiment.results for v in r.curves["test_loss"]
+              if np.isfinite(v)]
+    top = 2.0 * max(finite) if finite else 1.0
     for arm in experiment.arms:
+        colour = _arm_colour(experiment, arm)
         runs = [r for r in experiment.results if r.arm == arm.name]
+        phased = [r for r in runs if 2 in r.curves.get("phase", [])]
+        if phased:
+            for index, run in enumerate(phased):
+                _plot_phases(ax_loss, ax_accuracy, run, colour, top,
+                             arm.name if index == 0 else None)
+            continue
         loss = _mean_curve(runs, "test_loss")
         accuracy = _mean_curve(runs, "test_accuracy")
         if loss is None:
             continue
-        epochs = np.arange(1, len(loss) + 1)
-        loss = np.where(np.isfinite(loss), loss, np.nan)
-        ax_loss.plot(epochs, loss, label=arm.name)
-        ax_accuracy.plot(epochs, accuracy, label=arm.name)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("test cross-entropy")
+        _plot_run(ax_loss, ax_accuracy, np.arange(1, len(loss) + 1), loss,
+                  accuracy, colour, top, "-", arm.name)
+    for axis in (ax_loss, ax_accuracy):
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set_ylabel("test cross-entropy (x: diverged)")
     ax_loss.set_yscale("log")
-    ax_accuracy.set_xlabel("epoch")
     ax_accuracy.set_ylabel("test accuracy")
     ax_accuracy.legend(fontsize=8)
-    figure.suptitle(experiment.title)
+    phased = any(2 in r.curves.get("phase", []) for r in experiment.results)
+    figure.suptitle(experiment.title + (
+        " (one line per run; phase 2, on all the data, dashed)"
+        if phased else ""))
     figure.tight_layout()
     name = f"{experiment.key}.png"
     figure.savefig(os.path.join(folder, name), dpi=100)
     plt.close(figure)
     return name
+
+
+def _plot_run(ax_loss, ax_accuracy, epochs, loss, accuracy, colour, top,
+              style, label):
+    loss = np.asarray(loss, dtype=float)
+    bad = ~np.isfinite(loss)
+    ax_loss.plot(epochs, np.where(bad, top, loss), style, color=colour,
+                 label=label)
+    if bad.any():
+        ax_loss.plot(epochs[bad], np.full(bad.sum(), top), "x",
+                     color=colour, markersize=8)
+    ax_accuracy.plot(epochs, accuracy, style, color=colour, label=label)
+
+
+def _plot_phases(ax_loss, ax_accuracy, run, colour, top, label):
+    """One run's curves: phase 1 solid, phase 2 (on all the data) dashed."""
+    phases = np.asarray(run.curves["phase"])
+    loss = np.asarray(run.curves["test_loss"], dtype=float)
+    accuracy = np.asarray(run.curves["test_accuracy"], dtype=float)
+    count = min(len(phases), len(loss))
+    epochs = np.arange(1, count + 1)
+    for phase, style in ((1, "-"), (2, "--")):
+        part = phases[:count] == phase
+        _plot_run(ax_loss, ax_accuracy, epochs[part], loss[:count][part],
+                  accuracy[:count][part], colour, top, style,
+                  label if phase == 1 else None)
 
 
 def write_markdown(experiments, folder, header):
@@ -131,7 +184,7 @@ def plot_layer_norms(experiment, folder):
             continue
         mean = np.mean(norms, axis=0)
         axis.plot(np.arange(1, len(mean) + 1), mean, marker="o",
-                  label=arm.name)
+                  color=_arm_colour(experiment, arm), label=arm.name)
         plotted = True
     if not plotted:
         plt.close(figure)
@@ -168,11 +221,12 @@ def plot_reliability(experiment, folder):
         counts, confidences, hits = (np.sum(part, axis=0)
                                      for part in zip(*bins))
         used = counts > 0
-        line, = axis.plot(confidences[used] / counts[used],
-                          hits[used] / counts[used], label=arm.name)
+        colour = _arm_colour(experiment, arm)
+        axis.plot(confidences[used] / counts[used],
+                  hits[used] / counts[used], color=colour, label=arm.name)
         # Marker area: the bin's share of the test predictions.
         axis.scatter(confidences[used] / counts[used],
-                     hits[used] / counts[used], color=line.get_color(),
+                     hits[used] / counts[used], color=colour,
                      s=8 + 400 * counts[used] / counts.sum())
     axis.set_xlabel("confidence (mean per bin)")
     axis.set_ylabel("accuracy")

@@ -31,6 +31,9 @@ def calibration_bins(logits, labels, num_bins=15):
     """Per confidence bin over [0, 1]: the count, the sum of confidences
     and the number of correct predictions (NumPy)."""
     logits = np.asarray(logits, dtype="float64")
+    if not np.all(np.isfinite(logits)):  # a diverged run
+        nan = np.full(num_bins, np.nan)
+        return nan, nan, nan
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     confidence = p.max(axis=1)
@@ -98,23 +101,23 @@ class RunResult:
 
 
 class TestCurves(keras.callbacks.Callback):
-    """Records test cross-entropy and accuracy after every epoch.
+    """Records test cross-entropy and accuracy after every epoch, on the
+    whole test set (the one the table scores).
 
-    For plotting only: no training decision reads these numbers. On large
-    test sets the first `limit` examples are used.
+    For plotting only: no training decision reads these numbers.
     """
 
-    def __init__(self, x_test, y_test, limit=2000):
+    def __init__(self, x_test, y_test):
         super().__init__()
-        self.limit = limit
-        self.x_test, self.y_test = x_test, y_test[:limit]
+        self.x_test, self.y_test = x_test, y_test
         self.loss, self.accuracy = [], []
 
     def on_epoch_end(self, epoch, logs=None):
-        # A direct call: `predict` costs a data pipeline per call.
-        logits = keras.ops.convert_to_numpy(
-            self.model(self.x_test[:self.limit], training=False)
-        )
+        # Direct calls: `predict` costs a data pipeline per call.
+        logits = np.concatenate([
+            keras.ops.convert_to_numpy(
+                self.model(self.x_test[start:start + 2048], training=False))
+            for start in range(0, len(self.x_test), 2048)])
         loss, accuracy = cross_entropy_and_accuracy(logits, self.y_test)
         self.loss.append(loss)
         self.accuracy.append(accuracy)
@@ -148,6 +151,7 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     )
     bins = calibration_bins(logits, dataset.y_test)
     train_loss = [float(v) for v in history.history.get("loss", [])]
+    phases = list(history.history.get("phase", []))
     return RunResult(
         arm=arm.name, seed=seed, test_loss=test_loss,
         test_accuracy=test_accuracy,
@@ -157,6 +161,7 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
             "train_loss": train_loss,
             "test_loss": curves.loss,
             "test_accuracy": curves.accuracy,
+            "phase": phases,
         },
         extras={"calibration_bins": bins,
                 **(arm.collect(arm_callbacks) if arm.collect else {})},
@@ -195,20 +200,23 @@ def run_experiment(experiment, seeds, progress=None):
 
 
 def summarize(experiment):
-    """Per arm: mean and std of test accuracy and loss, epochs, seconds."""
+    """Per arm: mean and std of test accuracy, loss and ECE (and how many
+    runs diverged), epochs, seconds."""
     rows = []
     for arm in experiment.arms:
         runs = [r for r in experiment.results if r.arm == arm.name]
         if not runs:
             continue
         accuracy = np.array([r.test_accuracy for r in runs])
-        loss = np.array([r.test_loss for r in runs])
-        ece = np.array([r.test_ece for r in runs])
+        row = {"arm": arm.name, "accuracy_mean": accuracy.mean(),
+               "accuracy_std": accuracy.std()}
+        for key in ("loss", "ece"):
+            values = np.array([getattr(r, f"test_{key}") for r in runs])
+            row.update({f"{key}_mean": values.mean(),
+                        f"{key}_std": values.std(),
+                        f"{key}_diverged": int(np.sum(~np.isfinite(values)))})
         rows.append({
-            "ece_mean": ece.mean(), "ece_std": ece.std(),
-            "arm": arm.name,
-            "accuracy_mean": accuracy.mean(), "accuracy_std": accuracy.std(),
-            "loss_mean": loss.mean(), "loss_std": loss.std(),
+            **row,
             "epochs": np.mean([r.epochs for r in runs]),
             "seconds": np.mean([r.seconds for r in runs]),
             "seeds": len(runs),

@@ -45,7 +45,8 @@ class QuickRunTest(unittest.TestCase):
                 self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
         # The vanishing-gradient arm shows it: first layer << output layer.
         norms = {r.arm: r.extras["layer_norms"]
-                 for r in results["gradients"].results if r.extras}
+                 for r in results["gradients"].results
+                 if r.extras.get("layer_norms")}
         vanishing = norms["sigmoid, N(0, 0.01^2) init"]
         self.assertLess(vanishing[0], 1e-3 * vanishing[-1])
         lecture = norms["ReLU, 1/sqrt(n_in) init (lecture)"]
@@ -62,3 +63,39 @@ class ArgumentsTest(unittest.TestCase):
             parse_args(["--experiments", "nope"])
         with self.assertRaises(SystemExit):
             parse_args(["--seeds", "0"])
+
+
+class ReportTest(unittest.TestCase):
+    def test_diverged_runs_print_as_diverged_and_plots_keep_them(self):
+        import matplotlib.image
+
+        from kreg.walkthrough import report
+        from kreg.walkthrough.runner import Arm, Experiment, RunResult
+
+        def run(arm, seed, loss):
+            return RunResult(
+                arm=arm, seed=seed, test_loss=loss, test_accuracy=0.1,
+                test_ece=loss if not np.isfinite(loss) else 0.05, epochs=2,
+                seconds=1.0, curves={"train_loss": [1.0, loss],
+                                     "test_loss": [2.0, loss],
+                                     "test_accuracy": [0.1, 0.1]})
+
+        arms = [Arm("fine", None), Arm("blows up", None)]
+        experiment = Experiment("toy", "Toy", "?", None, arms, epochs=2)
+        experiment.results = [run("fine", 0, 0.5), run("fine", 1, 0.7),
+                              run("blows up", 0, float("nan")),
+                              run("blows up", 1, 0.9)]
+        lines = report.table_lines(experiment)
+        self.assertIn("| 0.6000 ± 0.1000 |", lines[2])
+        self.assertIn("diverged in 1 of 2 runs", lines[3])
+        self.assertNotIn("nan", " ".join(lines))
+        with tempfile.TemporaryDirectory() as folder:
+            name = report.plot_curves(experiment, folder)
+            image = matplotlib.image.imread(os.path.join(folder, name))
+        self.assertGreater(image.shape[0], 100)
+
+    def test_a_new_run_gets_its_own_folder(self):
+        first = parse_args([]).output
+        self.assertTrue(first.startswith(os.path.join(
+            "walkthrough_output", "run-")))
+        self.assertEqual(parse_args(["--output", "x"]).output, "x")
