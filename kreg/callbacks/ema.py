@@ -230,11 +230,13 @@ class EMA(keras.callbacks.Callback):
                 model, "compiled", True):
             # Before any on_train_begin: a BackupAndRestore listed first
             # loads its optimizer state into the wrapped optimizer.
+            self._check_no_keras_ema()
             install(model, AveragingOptimizer, AveragingOptimizer)
 
     def on_train_begin(self, logs=None):
         registry.register(self, "ema")
         self._check_one_per_fit()
+        self._check_no_keras_ema()
         self._end_interrupted_inference()
         if self._in_fit and self._averaged_in_model:
             self.swap_out()  # an interrupted fit left the averages in
@@ -484,6 +486,17 @@ class EMA(keras.callbacks.Callback):
                 "checkpoints, the end of training). This fit has "
                 f"{len(emas)}, with decays "
                 f"{', '.join(str(e.decay) for e in emas)}.")
+
+    def _check_no_keras_ema(self):
+        optimizer = self.model.optimizer
+        while optimizer is not None:
+            if getattr(optimizer, "use_ema", False):
+                raise ValueError(
+                    "kreg.callbacks.EMA with an optimizer that averages "
+                    f"too ({type(optimizer).__name__}(use_ema=True)): the "
+                    "weights would be averaged twice. Compile without "
+                    "`use_ema`, or drop the EMA callback.")
+            optimizer = getattr(optimizer, "inner_optimizer", None)
 
     def _check_started(self):
         if self._shadow is None and not self._live:

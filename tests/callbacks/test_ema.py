@@ -168,6 +168,16 @@ class EMATest(TestCase):
         for a, b in zip(model.get_weights(), fresh.get_weights()):
             self.assertAllClose(a, b, atol=1e-6)
 
+    def test_an_optimizer_that_averages_too_is_refused(self):
+        model = self.model()
+        model.compile(keras.optimizers.Adam(use_ema=True), loss="mse")
+        before = model.get_weights()
+        with self.assertRaisesRegex(ValueError, r"use_ema=True.*twice"):
+            self.fit(model, [EMA(decay=0.9)])
+        for a, b in zip(model.get_weights(), before):
+            self.assertAllEqual(a, b)  # refused before any step
+        self.assertIsInstance(model.optimizer, keras.optimizers.Adam)
+
     def test_another_models_predict_is_refused(self):
         model = self.model()
         ema = EMA(decay=0.9, keep_averaged=False)
