@@ -173,5 +173,5 @@ def _cardinality(x):
 def _is_dataset(x):
     return hasattr(x, "element_spec") or (
         hasattr(x, "__iter__") and not hasattr(x, "shape")
-        and not isinstance(x, (list, tuple, dict))
+        and not isinstance(x, (list, tuple, dict, str, bytes))
     )

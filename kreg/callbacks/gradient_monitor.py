@@ -8,7 +8,8 @@ import numpy as np
 
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
 from kreg.optimizers.optimizer_wrapper import install
-from kreg.utils.validation import check_bool, check_number
+from kreg.utils.validation import check_bool, check_integer
+from kreg.utils.validation import check_number
 
 
 def _value(variable):
@@ -60,7 +61,7 @@ class GradientMonitor(keras.callbacks.Callback):
         vanishing_threshold: non-negative float; a layer whose gradient norm
             is below it is flagged. Defaults to `1e-7`.
         exploding_threshold: positive float; a layer whose gradient norm is
-            above it is flagged. Defaults to `1e3`.
+            above it is flagged (`float("inf")`: never). Defaults to `1e3`.
         warn: bool, whether to issue the warnings (the flags are still
             recorded in `flagged`). Defaults to `True`.
 
@@ -77,23 +78,14 @@ class GradientMonitor(keras.callbacks.Callback):
     def __init__(self, frequency=100, vanishing_threshold=1e-7,
                  exploding_threshold=1e3, warn=True):
         super().__init__()
-        if isinstance(frequency, bool) or not isinstance(frequency, int):
-            raise TypeError(
-                "Invalid value received for argument `frequency`. Expected "
-                f"a positive integer. Received: frequency={frequency!r}"
-            )
-        if frequency < 1:
-            raise ValueError(
-                "Invalid value received for argument `frequency`. Expected "
-                f"a positive integer. Received: frequency={frequency!r}"
-            )
-        self.frequency = frequency
+        self.frequency = check_integer("frequency", frequency, low=1)
         self.vanishing_threshold = check_number(
             "vanishing_threshold", vanishing_threshold, low=0
         )
+        # inf: never flag a layer as exploding.
         self.exploding_threshold = check_number(
             "exploding_threshold", exploding_threshold, low=0,
-            low_inclusive=False,
+            low_inclusive=False, allow_inf=True,
         )
         if self.vanishing_threshold >= self.exploding_threshold:
             raise ValueError(

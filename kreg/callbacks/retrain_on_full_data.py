@@ -2,6 +2,7 @@
 
 import collections.abc
 import math
+import numbers
 import os
 import shutil
 import warnings
@@ -19,7 +20,7 @@ from kreg.callbacks._retrain_phase2 import (_INFINITE, _Phase2Logs,
                                             _random_state_kept, _rows,
                                             _set_rows, _up_to)
 from kreg.callbacks.backup_and_restore import BackupAndRestore
-from kreg.utils.validation import (check_bool, check_one_of,
+from kreg.utils.validation import (check_bool, check_integer, check_one_of,
                                    check_optional_path)
 
 _ALGORITHMS = ("restart", "continue")
@@ -35,6 +36,120 @@ _KERAS_BACKUP_FILES = (
     "training_metadata.json.bkp",
 )
 _PHASE1_STATES = (early_stopping._STATE_NAME, ema._STATE_NAME)
+
+
+def _check_data_argument(name, data):
+    """Arrays (or a list/tuple/dict of them, or nested lists of numbers) or
+    a dataset, as `fit` takes."""
+    if _is_dataset(data):
+        return
+    leaves = keras.tree.flatten(data)
+    if leaves and all(hasattr(leaf, "shape") for leaf in leaves):
+        return
+    try:
+        numeric = np.asarray(data).dtype.kind in "biuf" and np.ndim(data)
+    except (ValueError, TypeError):
+        numeric = False
+    if not numeric:
+        raise TypeError(
+            f"Invalid value received for argument `{name}`. Expected arrays "
+            "(or a list/dict of arrays) or a dataset, as `fit` takes. "
+            f"Received: {name}={data!r}"
+        )
+
+
+def _check_validation_data(data):
+    """None, a dataset, or a tuple/list ``(x, y)`` / ``(x, y, weights)``."""
+    if data is None or _is_dataset(data):
+        return
+    if not isinstance(data, (tuple, list)):
+        raise TypeError(
+            "Invalid value received for argument `validation_data`. "
+            "Expected None, a dataset, or a tuple (x, y) or (x, y, "
+            f"sample_weight). Received: validation_data={data!r}"
+        )
+    if len(data) not in (2, 3):
+        raise ValueError(
+            "Invalid value received for argument `validation_data`. "
+            "Expected a tuple (x, y) or (x, y, sample_weight). Received: "
+            f"validation_data, a {type(data).__name__} of {len(data)} items"
+        )
+    _check_data_argument("validation_data", data[0])
+
+
+def _check_counts(x, y, sample_weight):
+    """Array data: targets given, each of `x`, `y` and `sample_weight`
+    an array (or a list/dict of arrays) of as many samples as `x`."""
+    if y is None:
+        raise ValueError(
+            "Invalid value received for argument `y`. Expected targets "
+            "for the array inputs `x`. Received: y=None"
+        )
+    counts = {}
+    for name, data in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        if data is None:
+            continue
+        if _is_dataset(data):
+            raise TypeError(
+                f"Invalid value received for argument `{name}`. Expected "
+                "arrays, as `x` holds arrays. Received: "
+                f"{name}={type(data).__name__}"
+            )
+        _check_data_argument(name, data)
+        leaves = keras.tree.flatten(data)
+        if all(hasattr(leaf, "shape") for leaf in leaves):
+            sizes = [np.shape(a)[0] if np.ndim(a) else 0 for a in leaves]
+        else:  # nested lists of numbers
+            sizes = [np.shape(data)[0]]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"Invalid value received for argument `{name}`. Expected "
+                "arrays of the same number of samples. Received: "
+                f"{name} with {sizes} samples"
+            )
+        counts[name] = sizes[0]
+    for name, count in counts.items():
+        if count != counts["x"]:
+            raise ValueError(
+                f"Invalid value received for argument `{name}`. Expected "
+                f"as many samples as `x` ({counts['x']}). Received: {name} "
+                f"with {count} samples"
+            )
+
+
+def _check_class_weight(class_weight):
+    """None or a dict {class index: weight >= 0}, as `fit` takes."""
+    if class_weight is None:
+        return
+    valid = isinstance(class_weight, collections.abc.Mapping) and all(
+        isinstance(k, numbers.Integral) and not isinstance(k, bool)
+        and isinstance(v, numbers.Real) and not isinstance(v, bool)
+        and math.isfinite(v) and v >= 0
+        for k, v in class_weight.items()
+    )
+    if not valid:
+        raise TypeError(
+            "Invalid value received for argument `class_weight`. Expected "
+            "None or a dict {class index (int): weight (finite float >= "
+            "0)}, as in `fit`. "
+            f"Received: class_weight={class_weight!r}"
+        )
+
+
+def _check_callbacks(callbacks):
+    """A list of `keras.callbacks.Callback` instances from None or a
+    list/tuple of them."""
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)) or not all(
+        isinstance(c, keras.callbacks.Callback) for c in callbacks
+    ):
+        raise TypeError(
+            "Invalid value received for argument `callbacks`. Expected None "
+            "or a list of keras.callbacks.Callback instances (phase 2's "
+            f"callbacks). Received: callbacks={callbacks!r}"
+        )
+    return list(callbacks)
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -112,17 +227,23 @@ class RetrainOnFullData(keras.callbacks.Callback):
             )
         check_one_of("algorithm", algorithm, _ALGORITHMS)
         check_one_of("length", length, _LENGTHS)
-        for name, value in (("batch_size", batch_size),
-                            ("max_epochs", max_epochs),
-                            ("steps_per_epoch", steps_per_epoch)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int)
-                or value < 1
-            ):
-                raise ValueError(
-                    f"Invalid value received for argument `{name}`. Expected "
-                    f"a positive integer. Received: {name}={value!r}"
-                )
+        batch_size = check_integer("batch_size", batch_size, low=1,
+                                   allow_none=True)
+        max_epochs = check_integer("max_epochs", max_epochs, low=1)
+        steps_per_epoch = check_integer("steps_per_epoch", steps_per_epoch,
+                                        low=1, allow_none=True)
+        _check_data_argument("x", x)
+        if y is not None and _is_dataset(x):
+            raise ValueError(
+                "Invalid value received for argument `y`. With a dataset "
+                "`x` the targets are its batches' second element, as in "
+                f"`fit`. Received: y={type(y).__name__}"
+            )
+        _check_validation_data(validation_data)
+        callbacks = _check_callbacks(callbacks)
+        _check_class_weight(class_weight)
+        if not _is_dataset(x):
+            _check_counts(x, y, sample_weight)
         if algorithm == "continue" and validation_data is None:
             raise ValueError(
                 "Invalid value received for argument `validation_data`. "
@@ -154,7 +275,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.validation_data = validation_data
         self.max_epochs = max_epochs
-        self.callbacks = list(callbacks or [])
+        self.callbacks = callbacks
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
         self.shuffle = check_bool("shuffle", shuffle)
         self.resume_from = check_optional_path("resume_from", resume_from)
@@ -492,10 +613,11 @@ class RetrainOnFullData(keras.callbacks.Callback):
 
     # Checks ----------------------------------------------------------------
     def _check_data(self):
-        """Fails early on full data that does not fit the model: sample
-        counts of array data, then one batch through the test step."""
+        """Fails early on full data that does not fit the model: the
+        input shape of array data, then one batch through the test step
+        (the sample counts are checked at construction)."""
         if not _is_dataset(self.x):
-            self._check_arrays()
+            self._check_input_shape()
         with _random_state_kept(self.model):
             self._check_first_batch()
 
@@ -524,34 +646,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 f"{type(error).__name__}: {error}"
             ) from error
 
-    def _check_arrays(self):
-        if self.y is None:
-            raise ValueError(
-                "Invalid value received for argument `y`. Expected targets "
-                "for the array inputs `x`. Received: y=None"
-            )
-        counts = {}
-        for name, data in (("x", self.x), ("y", self.y),
-                           ("sample_weight", self.sample_weight)):
-            if data is None:
-                continue
-            sizes = [np.shape(a)[0] if np.ndim(a) else 0
-                     for a in keras.tree.flatten(data)]
-            if len(set(sizes)) > 1:
-                raise ValueError(
-                    f"RetrainOnFullData: the arrays of `{name}` hold "
-                    f"different numbers of samples: {sizes}."
-                )
-            if sizes:
-                counts[name] = sizes[0]
-        if counts["y"] != counts["x"] or counts.get(
-                "sample_weight", counts["x"]) != counts["x"]:
-            raise ValueError(
-                "RetrainOnFullData: the full data's numbers of samples "
-                "differ: "
-                + ", ".join(f"`{name}` {n}" for name, n in counts.items())
-                + "."
-            )
+    def _check_input_shape(self):
         expected = getattr(self.model, "input_shape", None)
         if isinstance(expected, tuple) and not isinstance(
             self.x, (list, tuple, dict)
@@ -577,7 +672,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             if cardinality is None and hasattr(self.x, "__len__"):
                 cardinality = len(self.x)  # e.g. a DataLoader
             return cardinality if cardinality and cardinality > 0 else None
-        # Every array holds the same number of samples (`_check_arrays`).
+        # Every array holds the same number of samples (`_check_counts`).
         first = keras.tree.flatten(self.x)[0]
         return math.ceil(np.shape(first)[0] / (self.batch_size or 32))
 

@@ -2,13 +2,17 @@
 
 import keras
 
+from kreg.losses.smooth_labels import check_class_indices
+from kreg.losses.smooth_labels import host_array
+from kreg.losses.smooth_labels import one_hot_or_nan
 from kreg.losses.smooth_labels import smooth_one_hot
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_number
 
 
-def _targets(y_true, y_pred, epsilon):
-    """Smoothed one-hot targets from one-hot or integer ``y_true``."""
+def _targets(y_true, y_pred, epsilon, host_labels=None):
+    """Smoothed one-hot targets from one-hot or integer ``y_true``
+    (``host_labels``: its NumPy values, checked, if it was host data)."""
     k = y_pred.shape[-1]
     if k is None or k < 2:
         raise ValueError(
@@ -23,9 +27,9 @@ def _targets(y_true, y_pred, epsilon):
         labels = y_true
         if len(labels.shape) == len(y_pred.shape):  # (..., 1) integer labels
             labels = keras.ops.squeeze(labels, axis=-1)
-        y_true = keras.ops.one_hot(
-            keras.ops.cast(labels, "int32"), k, dtype=y_pred.dtype
-        )
+        if host_labels is not None:
+            check_class_indices("y_true", host_labels, k)
+        y_true = one_hot_or_nan(labels, k, y_pred.dtype)
     else:
         y_true = keras.ops.cast(y_true, y_pred.dtype)
     return smooth_one_hot(y_true, epsilon)
@@ -40,12 +44,16 @@ def label_smoothing_crossentropy(y_true, y_pred, epsilon=0.1,
     ``p = softmax(y_pred)`` if ``from_logits`` else ``y_pred`` (normalized to
     sum 1 and clipped to ``[1e-7, 1 - 1e-7]``, as Keras does). ``y_true`` is
     one-hot (same shape as ``y_pred``) or integer class indices (shape
-    ``y_pred.shape[:-1]`` or with a trailing 1).
+    ``y_pred.shape[:-1]`` or with a trailing 1). Integer labels given as
+    NumPy arrays or lists must lie in ``[0, k)`` (else ``ValueError``); in
+    backend tensors a label outside gives a NaN loss for that sample.
     """
     epsilon = check_number("epsilon", epsilon, 0.0, 1.0)
+    from_logits = check_bool("from_logits", from_logits)
+    host_labels = host_array(y_true)
     y_pred = keras.ops.convert_to_tensor(y_pred)
     y_true = keras.ops.convert_to_tensor(y_true)
-    targets = _targets(y_true, y_pred, epsilon)
+    targets = _targets(y_true, y_pred, epsilon, host_labels)
     if from_logits:
         log_p = keras.ops.log_softmax(y_pred, axis=-1)
     else:
@@ -72,7 +80,9 @@ class LabelSmoothingCrossentropy(keras.losses.Loss):
     ``epsilon = e * (k - 1) / k`` here), and integer labels can be smoothed
     (Keras's sparse loss cannot). With ``epsilon=0`` it equals Keras's
     categorical / sparse categorical cross-entropy. Classes are on the last
-    axis.
+    axis. An integer label outside ``[0, k)`` gives that sample a NaN loss
+    (marked in-graph, no device sync; Keras's sparse loss fails on CPU and
+    gives NaN on GPU): a NaN loss in ``fit`` points at the labels.
 
     Args:
         epsilon: float in [0, 1], the label-noise probability. Defaults to

@@ -25,7 +25,7 @@ _REGULARIZER_ATTRIBUTES = {
 
 def check_strength(name, value):
     """Returns a finite penalty strength >= 0 as a float."""
-    return check_number(name, value, 0.0, float("inf"), True, False)
+    return check_number(name, value, low=0.0)
 
 
 def walk_variables(root):

@@ -5,6 +5,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 
 from kreg.regularizers import _utils
 from kreg.utils.layers import KERNEL_NAMES
@@ -32,21 +33,49 @@ def _check_selector(name, value):
     return tuple(items)
 
 
-def _matches(layer, selector):
+def _matches(layer, item):
+    if isinstance(item, str):
+        return fnmatch.fnmatchcase(layer.name, item)
+    return isinstance(layer, item)
+
+
+def _matches_any(layer, selector):
+    return any(_matches(layer, item) for item in selector)
+
+
+def _check_selector_matches(name, value, selector, chains):
+    """Raises a ValueError for an item of `selector` that matches no layer
+    holding a kernel (a typo, or a class name given as a string)."""
+    layers = {id(layer): layer for chain in chains for layer in chain}
     for item in selector:
-        if isinstance(item, str):
-            if fnmatch.fnmatchcase(layer.name, item):
-                return True
-        elif isinstance(layer, item):
-            return True
-    return False
+        if any(_matches(layer, item) for layer in layers.values()):
+            continue
+        names = sorted({layer.name for layer in layers.values()})
+        shown = ", ".join(repr(n) for n in names[:12])
+        if len(names) > 12:
+            shown += f", ... ({len(names)} layers)"
+        hint = ""
+        if isinstance(item, str) and any(
+            type(layer).__name__ == item for layer in layers.values()
+        ):
+            hint = f" {item!r} is a class name: pass the class itself"
+            if isinstance(getattr(keras.layers, item, None), type):
+                hint += f", {name}=keras.layers.{item}"
+            hint += "."
+        raise ValueError(
+            f"Invalid value received for argument `{name}`: {item!r} "
+            "matches no layer holding a kernel. Strings are matched (glob "
+            "patterns, case-sensitive) against layer names, here the layer "
+            f"names {shown}; classes select layers by type.{hint} "
+            f"Received: {name}={value!r}"
+        )
 
 
 def _check_regularizer(regularizer):
     if isinstance(regularizer, numbers.Real) and not isinstance(
-        regularizer, bool
+        regularizer, (bool, np.bool_)
     ):
-        return L2(regularizer)
+        return L2(_utils.check_strength("regularizer", regularizer))
     if isinstance(regularizer, keras.regularizers.Regularizer):
         return regularizer
     raise TypeError(
@@ -55,6 +84,16 @@ def _check_regularizer(regularizer):
         "kreg.regularizers.L2(1e-4)) or a float >= 0 (read as "
         f"kreg.regularizers.L2). Received: regularizer={regularizer!r}"
     )
+
+
+class PenalizedVariables(list):
+    """The list of variables `apply_weight_decay` penalized, shown by path
+    (a variable's own repr prints its values)."""
+
+    def __repr__(self):
+        paths = ", ".join(v.path for v in self[:8])
+        more = f", ... ({len(self)} variables)" if len(self) > 8 else ""
+        return f"PenalizedVariables([{paths}{more}])"
 
 
 def apply_weight_decay(model, regularizer, include=None, exclude=None,
@@ -93,17 +132,23 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
             ``kreg.regularizers.L2(1e-4)``), or a float ``a`` meaning
             ``kreg.regularizers.L2(a)`` (the lecture's ``a/2 * ||w||^2``).
         include: ``None`` (every layer), or a layer name, a glob pattern
-            (``"conv*"``), a layer class, or a list of these. A kernel is
-            penalized if its layer or any layer containing it matches.
-            Defaults to ``None``.
+            (``"conv*"``) matched against layer names (``layer.name``), a
+            layer class (``keras.layers.Dense``), or a list of these. A
+            kernel is penalized if its layer or any layer containing it
+            matches. Defaults to ``None``.
         exclude: same forms; kernels whose layer or any enclosing layer
             matches are left alone (wins over ``include``). Defaults to
             ``None``.
         overwrite: replace a regularizer a kernel already has; with
             ``False`` such kernels are skipped. Defaults to ``True``.
 
+    Raises:
+        ValueError: a name, pattern or class in ``include`` or ``exclude``
+            that matches no layer holding a kernel.
+
     Returns:
-        The list of variables that were given the penalty.
+        The list of variables that were given the penalty (shown by their
+        paths).
 
     Example:
         >>> model = keras.models.load_model("pretrained.keras")
@@ -124,21 +169,29 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
             f"{len(model.weights)} weights)"
         )
     regularizer = _check_regularizer(regularizer)
+    include_value, exclude_value = include, exclude
     include = _check_selector("include", include)
     exclude = _check_selector("exclude", exclude)
-    check_bool("overwrite", overwrite)
+    overwrite = check_bool("overwrite", overwrite)
 
-    penalized = []
+    kernels = [(variable, owner, chain)
+               for variable, owner, chain in _utils.walk_variables(model)
+               if short_name(variable) in KERNEL_NAMES]
+    chains = [chain for _, _, chain in kernels]
+    for name, value, selector in (("include", include_value, include),
+                                  ("exclude", exclude_value, exclude)):
+        if selector is not None:
+            _check_selector_matches(name, value, selector, chains)
+
+    penalized = PenalizedVariables()
     unsaved = []
-    for variable, owner, chain in _utils.walk_variables(model):
-        if short_name(variable) not in KERNEL_NAMES:
-            continue
+    for variable, owner, chain in kernels:
         if include is not None and not any(
-            _matches(layer, include) for layer in chain
+            _matches_any(layer, include) for layer in chain
         ):
             continue
         if exclude is not None and any(
-            _matches(layer, exclude) for layer in chain
+            _matches_any(layer, exclude) for layer in chain
         ):
             continue
         if variable.regularizer is not None and not overwrite:

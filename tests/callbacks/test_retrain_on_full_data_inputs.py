@@ -286,3 +286,38 @@ class RetrainInputsTest(RetrainData, TestCase):
                 for key in ("loss", "val_loss"):
                     self.assertAllClose(both[key][:3], alone[key],
                                         rtol=1e-6)
+
+
+class RetrainArgumentsTest(RetrainData, TestCase):
+    """Bad phase-2 arguments fail at construction, not after phase 1."""
+
+    def test_bad_callbacks_and_validation_data_fail_at_construction(self):
+        cases = [
+            ({"callbacks": "abc"}, "callbacks='abc'"),
+            ({"callbacks": [None]}, r"callbacks=\[None\]"),
+            ({"callbacks": 5}, "callbacks=5"),
+            ({"validation_data": "v", "algorithm": "continue"},
+             "validation_data='v'"),
+            ({"validation_data": 5}, "validation_data=5"),
+            ({"class_weight": "a"}, "class_weight='a'"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaisesRegex(TypeError, message):
+                RetrainOnFullData(self.x_full, self.y_full, **kwargs)
+        with self.assertRaisesRegex(ValueError, "`validation_data`"):
+            RetrainOnFullData(self.x_full, self.y_full,
+                              validation_data=(self.xv,))
+        with self.assertRaisesRegex(TypeError, "`x`.*x='abc'"):
+            RetrainOnFullData("abc", self.y_full)
+
+    def test_numpy_integers_run_both_phases(self):
+        model = self.model()
+        stop = EarlyStopping(patience=2, restore_best_weights=True)
+        retrain = RetrainOnFullData(
+            self.x_full, self.y_full, batch_size=np.int64(16),
+            algorithm="continue", validation_data=(self.xv, self.yv),
+            max_epochs=np.int64(3), steps_per_epoch=np.int32(4))
+        self.assertEqual(retrain.get_config()["max_epochs"], 3)
+        self.assertIs(type(retrain.get_config()["batch_size"]), int)
+        self.fit(model, [stop, retrain], epochs=8)
+        self.assertLessEqual(retrain.retrain_epochs, 3)

@@ -8,6 +8,7 @@ from absl.testing import parameterized
 from kreg.losses import LabelSmoothingCrossentropy
 from kreg.losses import label_smoothing_crossentropy
 from kreg.losses import smooth_labels
+from kreg.optimizers import ClippedOptimizer
 from kreg.testing import TestCase
 
 LABELS = np.array([0, 3, 1, 2, 3])
@@ -189,3 +190,62 @@ class LabelSmoothingCrossentropyTest(TestCase, parameterized.TestCase):
             LABELS, self.logits.astype("float16")
         )
         self.assertEqual(self.to_numpy(value).dtype, np.float32)
+
+
+class LabelRangeTest(TestCase):
+    """Labels outside [0, k) or integer labels without `num_classes`: an
+    error for NumPy labels, NaN rows (never silently wrong rows) for
+    backend tensors."""
+
+    def test_numpy_labels_outside_the_classes_raise(self):
+        for labels in ([0, 1, 4], [-1, 0, 2], [0, 1.5, 2], [0, np.nan, 1]):
+            with self.assertRaisesRegex(
+                    ValueError, r"`y`.*\[0, 3\).*num_classes=3"):
+                smooth_labels(np.array(labels), 0.1, num_classes=3)
+        with self.assertRaisesRegex(ValueError, r"`y_true`.*\[0, 4\)"):
+            label_smoothing_crossentropy(np.array([0, 4]), ONE_HOT[:2])
+
+    def test_integer_labels_without_num_classes_raise(self):
+        with self.assertRaisesRegex(
+                ValueError, "`num_classes`.*Received: num_classes=None"):
+            smooth_labels(np.array([0, 1, 4]), 0.1)
+        with self.assertRaisesRegex(
+                ValueError, "`num_classes`.*Received: num_classes=None"):
+            smooth_labels(keras.ops.convert_to_tensor([0, 1, 2]), 0.1)
+        # Not one-hot: entries outside [0, 1], or rows not summing to 1.
+        for y in ([0.0, 1.0, 4.0], [[0.0, 1.0], [1.0, 1.0]]):
+            with self.assertRaisesRegex(ValueError, "`y`.*one-hot"):
+                smooth_labels(np.array(y), 0.1)
+
+    def test_numpy_integers_and_integer_one_hot_accepted(self):
+        self.assertAllClose(
+            smooth_labels(LABELS, 0.3, num_classes=np.int64(4)),
+            numpy_targets(LABELS, 4, 0.3))
+        self.assertAllClose(
+            smooth_labels(ONE_HOT.astype("int32"), 0.3),
+            numpy_targets(LABELS, 4, 0.3))
+
+    def test_tensor_labels_outside_give_nan_rows(self):
+        labels = keras.ops.convert_to_tensor(np.array([0, 4, -1, 2]))
+        got = self.to_numpy(smooth_labels(labels, 0.3, num_classes=4))
+        self.assertAllClose(got[[0, 3]], numpy_targets([0, 2], 4, 0.3))
+        self.assertTrue(np.all(np.isnan(got[[1, 2]])))
+        y_pred = keras.ops.convert_to_tensor(ONE_HOT[:4] * 0.7 + 0.075)
+        loss = self.to_numpy(LabelSmoothingCrossentropy(
+            0.1, reduction=None)(labels, y_pred))
+        self.assertTrue(np.all(np.isfinite(loss[[0, 3]])))
+        self.assertTrue(np.all(np.isnan(loss[[1, 2]])))
+
+    def test_out_of_range_label_in_fit_gives_nan_loss(self):
+        # With a ClippedOptimizer the NaN step is skipped: weights intact.
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        model.compile(ClippedOptimizer(keras.optimizers.SGD(0.1)),
+                      LabelSmoothingCrossentropy(0.1, from_logits=True))
+        x = np.ones((4, 2), "float32")
+        before = model.get_weights()
+        history = model.fit(x, np.array([0, 1, 2, 3]), verbose=0)
+        self.assertTrue(np.isnan(history.history["loss"][0]))
+        for a, b in zip(model.get_weights(), before):
+            self.assertAllEqual(a, b)
+        history = model.fit(x, np.array([0, 1, 2, 2]), verbose=0)
+        self.assertTrue(np.isfinite(history.history["loss"][0]))

@@ -220,3 +220,33 @@ class GradientMonitorTest(TestCase):
         for error, message, kwargs in cases:
             with self.assertRaisesRegex(error, message):
                 GradientMonitor(**kwargs)
+
+
+class GradientMonitorArgumentsTest(TestCase):
+    def test_numpy_integer_frequency_samples_as_an_int(self):
+        x, y = linear_data()
+        sampled = []
+        for frequency in (2, np.int64(2)):
+            model = linear_model()
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+            monitor = GradientMonitor(frequency=frequency)
+            self.assertIs(type(monitor.frequency), int)
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                      callbacks=[monitor])
+            sampled.append([batch for _, batch, _ in monitor.history])
+        self.assertEqual(sampled[1], sampled[0])
+        self.assertGreaterEqual(len(sampled[0]), 3)  # six batches
+
+    def test_infinite_exploding_threshold_never_flags(self):
+        monitor = GradientMonitor(exploding_threshold=float("inf"),
+                                  vanishing_threshold=0.0, warn=False)
+        x, y = linear_data()
+        model = linear_model()
+        # Learning rate 0: the same huge gradients at every step.
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        model.fit(x * 1e6, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[monitor])
+        self.assertEqual(monitor.flagged, [])
+        for bad in (float("-inf"), float("nan")):
+            with self.assertRaisesRegex(ValueError, "`exploding_threshold`"):
+                GradientMonitor(exploding_threshold=bad)

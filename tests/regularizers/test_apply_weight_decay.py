@@ -160,7 +160,8 @@ class ApplyWeightDecayTest(TestCase):
         model = make_model()
         with self.assertRaisesRegex(TypeError, "`regularizer`"):
             apply_weight_decay(model, "l2")
-        with self.assertRaisesRegex(ValueError, "`l2`"):
+        with self.assertRaisesRegex(
+                ValueError, "`regularizer`.*Received: regularizer=-1.0"):
             apply_weight_decay(model, -1.0)
         with self.assertRaisesRegex(TypeError, "`include`.*include=3"):
             apply_weight_decay(model, 0.1, include=3)
@@ -192,3 +193,42 @@ class ApplyWeightDecayTest(TestCase):
             got = apply_weight_decay(model, L2(0.1))
         self.assertEqual(len(got), 1)
         self.assertTrue(any("not survive" in str(w.message) for w in caught))
+
+
+class SelectorMatchesNothingTest(TestCase):
+    def test_a_pattern_that_matches_nothing_raises_naming_it(self):
+        for name in ("include", "exclude"):
+            with self.assertRaisesRegex(
+                    ValueError, rf"`{name}`: 'typo\*' matches no layer.*"
+                    r"layer names.*'hidden'"):
+                apply_weight_decay(make_model(), 0.1, **{name: "typo*"})
+            with self.assertRaisesRegex(
+                    ValueError, rf"`{name}`: 'typo' matches no layer"):
+                apply_weight_decay(make_model(), 0.1,
+                                   **{name: ["hidden", "typo"]})
+            with self.assertRaisesRegex(
+                    ValueError, rf"`{name}`: 'Dense' .*class name.*"
+                    rf"{name}=keras.layers.Dense"):
+                apply_weight_decay(make_model(), 0.1, **{name: "Dense"})
+            with self.assertRaisesRegex(ValueError, rf"`{name}`.*LSTM"):
+                apply_weight_decay(make_model(), 0.1,
+                                   **{name: keras.layers.LSTM})
+
+    def test_nothing_is_penalized_when_it_raises(self):
+        model = make_model()
+        with self.assertRaises(ValueError):
+            apply_weight_decay(model, 0.1, include=["hidden", "typo"])
+        self.assertEqual(model.losses, [])
+
+    def test_the_result_shows_paths_not_values(self):
+        model = make_model()
+        got = apply_weight_decay(model, 0.1, include="h*")
+        self.assertIsInstance(got, list)
+        self.assertEqual(
+            repr(got),
+            f"PenalizedVariables([{got[0].path}, {got[1].path}])")
+        deep = keras.Sequential(
+            [keras.Input((2,))] + [keras.layers.Dense(2) for _ in range(20)])
+        shown = repr(apply_weight_decay(deep, 0.1))
+        self.assertIn("... (20 variables)", shown)
+        self.assertLess(len(shown), 400)
