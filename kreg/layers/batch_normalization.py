@@ -30,6 +30,13 @@ class BatchNormalization(keras.layers.Layer):
     (``trainable=False``, Keras's fine-tuning convention), the moving
     statistics replace ``mu_B`` and ``sigma_B^2``.
 
+    A batch with any non-finite ``mu_B`` or ``sigma_B^2`` entry (NaN/Inf
+    inputs, an overflowing variance) leaves both moving statistics exactly
+    as they were, whatever the optimizer: for the whole layer, as a corrupt
+    sample taints every feature's batch. Finite statistics still update them
+    on a step the optimizer skips for a non-finite loss (a NaN label): they
+    describe valid inputs under the unchanged weights.
+
     A drop-in for `keras.layers.BatchNormalization`: same defaults, same
     weights in the same order (``gamma, beta, moving_mean, moving_variance``),
     so ``set_weights(keras_bn.get_weights())`` transfers. Beyond it: ``axis``
@@ -57,7 +64,9 @@ class BatchNormalization(keras.layers.Layer):
         beta_constraint, gamma_constraint: optional constraints.
             Default to ``None``.
         synchronized: compute the statistics over the global batch of all
-            replicas under a distribution strategy. Defaults to ``False``.
+            replicas under a distribution strategy (and so decide whether
+            they are finite for all replicas together). Defaults to
+            ``False``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``, ...).
 
     Call arguments:
@@ -210,15 +219,7 @@ class BatchNormalization(keras.layers.Layer):
 
         if training and self.trainable:
             mean, variance = self._batch_moments(x, mask)
-            momentum = self.momentum
-            self.moving_mean.assign(
-                ops.cast(self.moving_mean, stats_dtype) * momentum
-                + mean * (1.0 - momentum)
-            )
-            self.moving_variance.assign(
-                ops.cast(self.moving_variance, stats_dtype) * momentum
-                + variance * (1.0 - momentum)
-            )
+            self._update_moving_statistics(mean, variance, stats_dtype)
         else:
             mean = ops.cast(self.moving_mean, stats_dtype)
             variance = ops.cast(self.moving_variance, stats_dtype)
@@ -236,6 +237,25 @@ class BatchNormalization(keras.layers.Layer):
             shift = ops.reshape(shift, self._broadcast_shape)
         outputs = x * inv + shift
         return ops.cast(outputs, self.compute_dtype)
+
+    def _update_moving_statistics(self, mean, variance, stats_dtype):
+        """``m <- momentum * m + (1 - momentum) * batch_stat``, unless a
+        batch statistic is not finite: then both stay as they were."""
+        momentum = self.momentum
+        old_mean = ops.cast(self.moving_mean, stats_dtype)
+        old_variance = ops.cast(self.moving_variance, stats_dtype)
+        # An in-graph select on one flag for the whole layer: no host sync.
+        finite = ops.logical_and(
+            ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(variance))
+        )
+        self.moving_mean.assign(ops.where(
+            finite, old_mean * momentum + mean * (1.0 - momentum), old_mean
+        ))
+        self.moving_variance.assign(ops.where(
+            finite,
+            old_variance * momentum + variance * (1.0 - momentum),
+            old_variance,
+        ))
 
     def _batch_moments(self, x, mask):
         """Biased mean and variance over the reduction axes, feature-shaped."""

@@ -25,7 +25,9 @@ class ClippedOptimizer(OptimizerWrapper):
        global norm is so large, > ~1.8e19, that its square overflows
        float32), the step is skipped: neither the weights nor the inner
        optimizer's state (its moments, its `iterations`) change, and
-       `skipped_steps` is incremented.
+       `skipped_steps` is incremented; a `kreg.callbacks.EMA` does not
+       average it, and `kreg.layers.BatchNormalization` keeps its moving
+       statistics through a batch whose statistics are not finite.
        With `on_non_finite="raise"` an error is raised instead.
     2. **Value clipping** (`clipvalue=c`): `g <- clip(g, -c, c)` entry-wise.
     3. **Adaptive clipping** (AGC, `agc_factor=lambda`), unit-wise: for each

@@ -332,6 +332,183 @@ class SynchronizedTest(TestCase):
         self.assert_global_statistics(plain)
 
 
+class NonFiniteBatchTest(TestCase):
+    """A batch whose statistics are not finite (NaN or Inf in its inputs,
+    or a variance whose float32 sum of squares overflows) leaves both
+    moving statistics of the layer exactly as they were, whoever the
+    optimizer is."""
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.RandomState(8)
+        self.x = rng.normal(1.0, 2.0, (8, 4)).astype("float32")
+        self.x2 = rng.normal(-1.0, 3.0, (8, 4)).astype("float32")
+
+    def trained_layer(self, **kwargs):
+        """A layer whose moving statistics moved off their initial values."""
+        layer = BatchNormalization(momentum=0.9, **kwargs)
+        layer(self.x, training=True)
+        return layer, self.statistics(layer)
+
+    def statistics(self, layer):
+        return [self.to_numpy(layer.moving_mean).copy(),
+                self.to_numpy(layer.moving_variance).copy()]
+
+    def assert_unchanged(self, layer, statistics, msg=None):
+        self.assertAllEqual(layer.moving_mean, statistics[0], msg=msg)
+        self.assertAllEqual(layer.moving_variance, statistics[1], msg=msg)
+
+    def bad_batches(self):
+        for value in (np.nan, np.inf, -np.inf):
+            x = self.x2.copy()
+            x[3, 1] = value  # one entry of one feature
+            yield str(value), x
+        x = self.x2.copy()
+        x[0, 2] = 3e38  # finite, but its square overflows float32
+        yield "overflowing variance", x
+
+    def test_bad_batch_leaves_every_feature_as_it_was(self):
+        for name, x in self.bad_batches():
+            layer, before = self.trained_layer()
+            layer(x, training=True)
+            self.assert_unchanged(layer, before, msg=name)
+
+    def test_next_finite_batch_updates_again(self):
+        layer, before = self.trained_layer()
+        bad = self.x2.copy()
+        bad[0, 0] = np.nan
+        layer(bad, training=True)
+        layer(self.x2, training=True)
+        self.assertAllClose(
+            layer.moving_mean, 0.9 * before[0] + 0.1 * self.x2.mean(0),
+            atol=1e-6,
+        )
+        self.assertAllClose(
+            layer.moving_variance, 0.9 * before[1] + 0.1 * self.x2.var(0),
+            atol=1e-5,
+        )
+
+    def test_masked_and_several_axes(self):
+        x = np.random.RandomState(9).normal(size=(4, 6, 3)).astype("float32")
+        mask = np.ones((4, 6), dtype=bool)
+        for kwargs, call_kwargs in [({}, {"mask": mask}),
+                                    ({"axis": [1, 2]}, {})]:
+            layer = BatchNormalization(**kwargs)
+            layer(x, training=True, **call_kwargs)
+            before = self.statistics(layer)
+            bad = x.copy()
+            bad[1, 2, 0] = np.nan
+            layer(bad, training=True, **call_kwargs)
+            self.assert_unchanged(layer, before, msg=str(kwargs))
+
+    def test_stateless_call_returns_the_old_statistics(self):
+        layer, before = self.trained_layer()
+        bad = self.x2.copy()
+        bad[5, 3] = np.inf
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def call(trainable, non_trainable, x):
+            return layer.stateless_call(trainable, non_trainable, x,
+                                        training=True)
+
+        if BACKEND == "jax":
+            import jax
+
+            call = jax.jit(call)
+        _, new_non_trainable = call(trainable, non_trainable, bad)
+        for new, old in zip(new_non_trainable, before):
+            self.assertAllEqual(new, old)
+        # The layer's own variables are not touched by a stateless call.
+        self.assert_unchanged(layer, before)
+
+    def test_fit_with_a_plain_optimizer(self):
+        # SGD writes NaN into the weights after the NaN batch (batch 1), so
+        # every later batch has NaN statistics too: the moving statistics
+        # stay those after batch 0, bit for bit.
+        rng = np.random.RandomState(10)
+        x = rng.normal(size=(24, 4)).astype("float32")
+        y = x.sum(1, keepdims=True)
+        x[10, 2] = np.nan
+
+        def fit(x, y):
+            keras.utils.set_random_seed(11)
+            model = keras.Sequential([
+                keras.Input((4,)), keras.layers.Dense(5),
+                BatchNormalization(momentum=0.5), keras.layers.Dense(1),
+            ])
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                          jit_compile=self.jit_compile_setting())
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+            return model.layers[1]
+
+        poisoned = fit(x, y)
+        reference = fit(x[:8], y[:8])
+        for statistic in (poisoned.moving_mean, poisoned.moving_variance):
+            self.assertTrue(np.all(np.isfinite(self.to_numpy(statistic))))
+        self.assert_unchanged(poisoned, self.statistics(reference))
+
+    def test_mixed_float16(self):
+        with self.mixed_precision("mixed_float16"):
+            layer = BatchNormalization(momentum=0.9)
+            layer(keras.ops.cast(self.x, "float16"), training=True)
+            before = self.statistics(layer)
+            bad = self.x2.copy()
+            bad[2, 2] = np.inf  # as a float16 overflow upstream gives
+            y = layer(keras.ops.cast(bad, "float16"), training=True)
+            self.assertEqual(keras.backend.standardize_dtype(y.dtype),
+                             "float16")
+            self.assert_unchanged(layer, before)
+
+    def fit_one_step(self, layer, x):
+        model = keras.Sequential([keras.Input((3,)), layer])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        model.fit(x, np.zeros((8, 1), "float32"), batch_size=8, epochs=1,
+                  shuffle=False, verbose=0)
+
+    def replica_batch(self):
+        """Replica 0 gets zeros with one NaN, replica 1 fours."""
+        x = SynchronizedTest.x.copy()
+        x[1, 0] = np.nan
+        return x
+
+    @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
+    def test_mirrored_strategy(self):
+        strategy = mirrored_strategy()
+        x = self.replica_batch()
+        for synchronized in (True, False):
+            with strategy.scope():
+                layer = BatchNormalization(synchronized=synchronized)
+                self.fit_one_step(layer, x)
+            means = [self.to_numpy(v) for v in
+                     strategy.experimental_local_results(
+                         layer.moving_mean.value)]
+            variances = [self.to_numpy(v) for v in
+                         strategy.experimental_local_results(
+                             layer.moving_variance.value)]
+            self.assertEqual(len(means), 2)
+            # Replica 0's statistics (synchronized: the global ones) are
+            # not finite: its copy stays at the initial values.
+            self.assertAllEqual(means[0], np.zeros(3))
+            self.assertAllEqual(variances[0], np.ones(3))
+            if synchronized:
+                self.assertAllEqual(means[1], np.zeros(3))
+                self.assertAllEqual(variances[1], np.ones(3))
+            else:
+                # Unsynchronized, each replica has its own finite statistics
+                # (replica 1: mean 4, variance 0).
+                self.assertAllClose(means[1], np.full(3, 0.04), atol=1e-6)
+                self.assertAllClose(variances[1], np.full(3, 0.99),
+                                    atol=1e-6)
+
+    @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
+    def test_jax_data_parallel(self):
+        with jax_data_parallel():
+            layer = BatchNormalization(synchronized=True)
+            self.fit_one_step(layer, self.replica_batch())
+        self.assert_unchanged(layer, [np.zeros(3), np.ones(3)])
+
+
 class BadArgumentsTest(TestCase):
     def test_momentum_out_of_range(self):
         with self.assertRaisesRegex(ValueError, r"`momentum`.*momentum=1\.5"):
@@ -344,6 +521,14 @@ class BadArgumentsTest(TestCase):
             BatchNormalization(epsilon=0.0)
         with self.assertRaisesRegex(ValueError, r"epsilon=-1"):
             BatchNormalization(epsilon=-1)
+
+    def test_epsilon_and_momentum_not_finite(self):
+        with self.assertRaisesRegex(ValueError, r"`epsilon`.*epsilon=inf"):
+            BatchNormalization(epsilon=float("inf"))
+        with self.assertRaisesRegex(ValueError, r"`epsilon`.*epsilon=nan"):
+            BatchNormalization(epsilon=float("nan"))
+        with self.assertRaisesRegex(ValueError, r"`momentum`.*momentum=nan"):
+            BatchNormalization(momentum=float("nan"))
 
     def test_wrong_types(self):
         with self.assertRaisesRegex(TypeError, r"`momentum`.*'0.9'"):
