@@ -517,47 +517,6 @@ _STILL_FAILING = {
         "layers.BatchNormalization(gamma_constraint='bogus')",
         'layers.BatchNormalization(gamma_constraint=5)',
     ],
-    'kreg/metrics/brier_score.py': [
-        "metrics.BrierScore(dtype='bogus')",
-    ],
-    'kreg/metrics/expected_calibration_error.py': [
-        'metrics.ExpectedCalibrationError(num_bins=2.5)',
-        'metrics.ExpectedCalibrationError(num_bins=2.0)',
-        'metrics.ExpectedCalibrationError(num_bins=inf)',
-        "metrics.ExpectedCalibrationError(num_bins='a')",
-        'metrics.ExpectedCalibrationError(num_bins=True)',
-        'metrics.ExpectedCalibrationError(num_bins=None)',
-        "metrics.ExpectedCalibrationError(dtype='bogus')",
-    ],
-    'kreg/models/ensemble.py': [
-        'models.Ensemble(num_members=2.5)',
-        'models.Ensemble(num_members=2.0)',
-        'models.Ensemble(num_members=inf)',
-        "models.Ensemble(num_members='a')",
-        'models.Ensemble(num_members=True)',
-    ],
-    'kreg/models/predict_with_uncertainty.py': [
-        "models.predict_with_uncertainty(from_logits='yes')",
-        'models.predict_with_uncertainty(from_logits=1)',
-        'models.predict_with_uncertainty(from_logits=None)',
-    ],
-    'kreg/models/pretrain_layerwise.py': [
-        'models.pretrain_layerwise(epochs=2.5)',
-        'models.pretrain_layerwise(epochs=2.0)',
-        'models.pretrain_layerwise(epochs=inf)',
-        "models.pretrain_layerwise(epochs='a')",
-        'models.pretrain_layerwise(epochs=True)',
-        'models.pretrain_layerwise(epochs=None)',
-        'models.pretrain_layerwise(batch_size=2.5)',
-        'models.pretrain_layerwise(batch_size=2.0)',
-        'models.pretrain_layerwise(batch_size=inf)',
-        "models.pretrain_layerwise(batch_size='a')",
-        'models.pretrain_layerwise(batch_size=True)',
-        'models.pretrain_layerwise(batch_size=None)',
-        "models.pretrain_layerwise(model='m')",
-        'models.pretrain_layerwise(x=None)',
-        "models.pretrain_layerwise(x='abc')",
-    ],
 }
 FIXED_IN = {row_id: path for path, ids in _STILL_FAILING.items()
             for row_id in ids}

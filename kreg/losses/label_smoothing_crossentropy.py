@@ -8,6 +8,7 @@ from kreg.losses.smooth_labels import one_hot_or_nan
 from kreg.losses.smooth_labels import smooth_one_hot
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_number
+from kreg.utils.validation import check_optional_dtype
 
 
 def _targets(y_true, y_pred, epsilon, host_labels=None):
@@ -110,15 +111,7 @@ class LabelSmoothingCrossentropy(keras.losses.Loss):
     def __init__(self, epsilon=0.1, from_logits=False,
                  reduction="sum_over_batch_size",
                  name="label_smoothing_crossentropy", dtype=None):
-        if dtype is not None:
-            try:
-                keras.dtype_policies.get(dtype)
-            except (ValueError, TypeError) as error:
-                raise ValueError(
-                    "Invalid value received for argument `dtype`. Expected "
-                    "None, a float dtype name such as 'float32' or a dtype "
-                    f"policy. Received: dtype={dtype!r}"
-                ) from error
+        check_optional_dtype("dtype", dtype)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.epsilon = check_number("epsilon", epsilon, 0.0, 1.0)
         self.from_logits = check_bool("from_logits", from_logits)

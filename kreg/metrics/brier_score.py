@@ -5,6 +5,7 @@ from keras import ops
 
 from kreg.metrics._probabilities import probabilities_and_one_hot
 from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_optional_dtype
 
 
 def brier_score(y_true, y_pred, from_logits=False):
@@ -48,6 +49,7 @@ class BrierScore(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, from_logits=False, name="brier_score", dtype=None):
         self.from_logits = check_bool("from_logits", from_logits)
+        check_optional_dtype("dtype", dtype)
         super().__init__(brier_score, name=name, dtype=dtype,
                          from_logits=from_logits)
         self._direction = "down"

@@ -1,12 +1,12 @@
 """Expected calibration error (ECE) of the predicted class probabilities."""
 
-import numbers
-
 import keras
 from keras import ops
 
 from kreg.metrics._probabilities import probabilities_and_one_hot
 from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_optional_dtype
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -47,14 +47,9 @@ class ExpectedCalibrationError(keras.metrics.Metric):
 
     def __init__(self, num_bins=15, from_logits=False, name="ece",
                  dtype=None):
+        check_optional_dtype("dtype", dtype)
         super().__init__(name=name, dtype=dtype)
-        if (isinstance(num_bins, bool)
-                or not isinstance(num_bins, numbers.Integral)
-                or num_bins < 1):
-            raise ValueError(
-                "Invalid value received for argument `num_bins`. Expected "
-                f"an int >= 1. Received: num_bins={num_bins!r}")
-        self.num_bins = int(num_bins)
+        self.num_bins = check_integer("num_bins", num_bins, low=1)
         self.from_logits = check_bool("from_logits", from_logits)
         self._direction = "down"
         self.counts, self.confidences, self.hits = (

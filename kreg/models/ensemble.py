@@ -1,14 +1,14 @@
 """Ensemble: k member models trained together in one `fit`."""
 
 import math
-import numbers
 import weakref
 
 import keras
 import numpy as np
 from keras import ops
 
-from kreg.utils.validation import check_one_of, check_optional_seed
+from kreg.utils.validation import check_integer, check_one_of
+from kreg.utils.validation import check_optional_seed
 
 # The key of the training output (see `Ensemble.call`).
 MEMBER_OUTPUTS = "kreg_member_outputs"
@@ -230,13 +230,8 @@ def _times_factors(sample_weight, factors, targets, k):
 
 
 def _make_members(members, num_members):
-    if num_members is not None and (
-            isinstance(num_members, bool)
-            or not isinstance(num_members, numbers.Integral)
-            or num_members < 1):
-        raise ValueError(
-            "Invalid value received for argument `num_members`. Expected "
-            f"an int >= 1. Received: num_members={num_members!r}")
+    num_members = check_integer("num_members", num_members, low=1,
+                                allow_none=True)
     if isinstance(members, (list, tuple)):
         if num_members is not None and num_members != len(members):
             raise ValueError(

@@ -4,6 +4,7 @@ import keras
 
 from kreg.layers.mc_predict import mc_predict
 from kreg.models.ensemble import Ensemble
+from kreg.utils.validation import check_bool
 
 
 def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
@@ -44,6 +45,7 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
         Estimation using Deep Ensembles", NeurIPS 2017; Gal & Ghahramani,
         "Dropout as a Bayesian Approximation", ICML 2016.
     """
+    check_bool("from_logits", from_logits)
     if isinstance(model, Ensemble):
         samples = model.predict_members(x, batch_size=batch_size)
         return samples.mean(axis=0), samples.std(axis=0)

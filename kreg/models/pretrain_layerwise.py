@@ -1,12 +1,11 @@
 """Greedy layer-wise unsupervised pretraining with denoising autoencoders."""
 
-import numbers
-
 import keras
 import numpy as np
 
 from kreg.layers.dropout import Dropout
-from kreg.utils.validation import check_number, check_optional_seed
+from kreg.utils.validation import check_integer, check_number
+from kreg.utils.validation import check_optional_seed
 
 
 def pretrain_layerwise(model, x, layers=None, epochs=10, corruption=0.3,
@@ -64,11 +63,15 @@ def pretrain_layerwise(model, x, layers=None, epochs=10, corruption=0.3,
     """
     chain = _chain(model)
     chosen = _chosen_layers(model, chain, layers)
-    epochs = _check_count("epochs", epochs)
-    batch_size = _check_count("batch_size", batch_size)
+    epochs = check_integer("epochs", epochs, low=1)
+    batch_size = check_integer("batch_size", batch_size, low=1)
     corruption = check_number("corruption", corruption, 0.0, 1.0,
                               high_inclusive=False)
     seed = check_optional_seed("seed", seed)
+    if not isinstance(x, (list, tuple)) and not hasattr(x, "__array__"):
+        raise TypeError(
+            "Invalid value received for argument `x`. Expected the inputs "
+            f"as an array. Received: x={x!r}")
     features = np.asarray(x, dtype="float32")
     positions = [chain.index(layer) for layer in chosen]
     stops = positions[1:] + [_next_dense(chain, positions[-1])]
@@ -116,7 +119,11 @@ def _apply(block, features, batch_size):
 
 
 def _chain(model):
-    if not isinstance(model, keras.Model) or not model.built:
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Invalid value received for argument `model`. Expected a "
+            f"keras.Model. Received: model={model!r}")
+    if not model.built:
         raise ValueError(
             "Invalid value received for argument `model`. Expected a built "
             f"keras.Model (a Sequential or Functional chain of layers). "
@@ -165,12 +172,3 @@ def _next_dense(chain, position):
         if isinstance(chain[index], keras.layers.Dense):
             return index
     return len(chain)
-
-
-def _check_count(name, value):
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or value < 1):
-        raise ValueError(
-            f"Invalid value received for argument `{name}`. Expected an int "
-            f">= 1. Received: {name}={value!r}")
-    return int(value)

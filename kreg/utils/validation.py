@@ -139,3 +139,21 @@ def check_optional_path(name, value):
     if not isinstance(value, (str, os.PathLike)):
         _fail(name, "None or a path (str or os.PathLike)", value, TypeError)
     return os.fspath(value)
+
+
+def check_optional_dtype(name, value):
+    """Returns `value` after checking it is `None`, a dtype name or a dtype
+    policy that Keras knows."""
+    if value is None:
+        return None
+    import keras
+
+    try:
+        keras.dtype_policies.get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Invalid value received for argument `{name}`. Expected None, "
+            "a float dtype name such as 'float32' or a dtype policy. "
+            f"Received: {name}={value!r}"
+        ) from error
+    return value

@@ -106,10 +106,12 @@ class CalibrationTest(TestCase):
         self.assertTrue(bool(stop.monitor_op(0.1, 0.2)))  # lower is better
 
     def test_bad_arguments(self):
-        for kwargs, text in ((dict(num_bins=0), "num_bins=0"),
-                             (dict(num_bins=2.5), "num_bins=2.5"),
-                             (dict(num_bins=True), "num_bins=True")):
-            with self.assertRaisesRegex(ValueError, text):
+        for kwargs, error, text in (
+                (dict(num_bins=0), ValueError, "num_bins=0"),
+                (dict(num_bins=2.5), TypeError, "num_bins=2.5"),
+                (dict(num_bins=True), TypeError, "num_bins=True"),
+                (dict(dtype="bogus"), ValueError, "dtype='bogus'")):
+            with self.assertRaisesRegex(error, text):
                 ExpectedCalibrationError(**kwargs)
         with self.assertRaisesRegex(TypeError, "from_logits"):
             BrierScore(from_logits="yes")

@@ -219,7 +219,7 @@ class EnsembleTest(TestCase):
              "combine"),
             (dict(members=make_member, num_members=0), ValueError,
              "num_members=0"),
-            (dict(members=make_member, num_members=2.5), ValueError,
+            (dict(members=make_member, num_members=2.5), TypeError,
              "num_members=2.5"),
             (dict(members=[make_member()], num_members=2), ValueError,
              "num_members=2"),

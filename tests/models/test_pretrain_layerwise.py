@@ -78,7 +78,6 @@ class PretrainLayerwiseTest(TestCase):
         x = low_rank_data(64)
         cases = [
             (dict(epochs=0), "epochs=0"),
-            (dict(epochs=1.5), "epochs=1.5"),
             (dict(batch_size=-1), "batch_size=-1"),
             (dict(corruption=1.0), "corruption=1.0"),
             (dict(layers=["norm"]), "'norm'"),
@@ -89,6 +88,8 @@ class PretrainLayerwiseTest(TestCase):
             with self.assertRaises(ValueError, msg=str(kwargs)) as context:
                 pretrain_layerwise(model, x, verbose=0, **kwargs)
             self.assertIn(text, str(context.exception))
+        with self.assertRaisesRegex(TypeError, "epochs=1.5"):
+            pretrain_layerwise(model, x, epochs=1.5, verbose=0)
         with self.assertRaisesRegex(ValueError, "built"):
             pretrain_layerwise(keras.Sequential([keras.layers.Dense(2)]), x)
         inputs = keras.Input((20,))
