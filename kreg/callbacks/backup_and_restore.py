@@ -1,9 +1,12 @@
 """BackupAndRestore: Keras's, plus the state of kreg's callbacks."""
 
+import os
+
 import keras
 
 from kreg.callbacks import _registry as registry
 from kreg import _keras_private as keras_private
+from kreg.utils.validation import check_bool, check_integer
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -26,18 +29,31 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     that many epochs. This one clears it when training ends.
 
     Arguments are Keras's (`backup_dir`, `save_freq`, `double_checkpoint`,
-    `delete_checkpoint`). kreg's callbacks save at the end of every epoch:
-    resume from a backup taken at an epoch's end (`save_freq="epoch"`, the
-    default).
+    `delete_checkpoint`), checked when it is built: `save_freq` is
+    ``"epoch"`` or a positive number of batches. kreg's callbacks save at the
+    end of every epoch: resume from a backup taken at an epoch's end
+    (`save_freq="epoch"`, the default). List it after kreg's callbacks: then
+    their state is written before Keras's backup of the epoch, and a fit
+    killed between the two resumes exactly (``docs/callbacks.md``).
 
     Example:
 
-    >>> callbacks = [kreg.callbacks.BackupAndRestore("/tmp/backup"),
-    ...              kreg.callbacks.EarlyStopping(patience=5),
-    ...              kreg.callbacks.EMA(0.99)]
+    >>> callbacks = [kreg.callbacks.EarlyStopping(patience=5),
+    ...              kreg.callbacks.EMA(0.99),
+    ...              kreg.callbacks.BackupAndRestore("/tmp/backup")]
     >>> model.fit(x, y, epochs=100, validation_split=0.2,
     ...           callbacks=callbacks)  # run again after an interruption
     """
+
+    def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=False,
+                 delete_checkpoint=True):
+        super().__init__(
+            check_path("backup_dir", backup_dir),
+            save_freq=check_save_freq(save_freq),
+            double_checkpoint=check_bool("double_checkpoint",
+                                         double_checkpoint),
+            delete_checkpoint=check_bool("delete_checkpoint",
+                                         delete_checkpoint))
 
     def set_params(self, params):
         # Keras's CallbackList gives every callback its params after
@@ -49,3 +65,31 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         keras_private.forget_resumed_epoch(self.model)
+
+
+
+def check_path(name, value):
+    """A required path argument (str or os.PathLike, not empty), as str."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"Invalid value received for argument `{name}`. Expected a "
+            f"path (str or os.PathLike). Received: {name}={value!r}")
+    if value is None or not os.fspath(value):
+        raise ValueError(
+            f"Invalid value received for argument `{name}`. Expected a "
+            f"non-empty path. Received: {name}={value!r}")
+    return os.fspath(value)
+
+
+def check_save_freq(value):
+    """`save_freq` of Keras's BackupAndRestore and ModelCheckpoint:
+    ``"epoch"`` or a positive number of batches, NumPy integers too (Keras
+    takes 0, a negative number or ``False`` as "after every batch")."""
+    if isinstance(value, str):
+        if value != "epoch":
+            raise ValueError(
+                "Invalid value received for argument `save_freq`. Expected "
+                "'epoch' or a positive integer (a number of batches). "
+                f"Received: save_freq={value!r}")
+        return value
+    return check_integer("save_freq", value, low=1)

@@ -176,29 +176,29 @@ class EarlyStopping(keras.callbacks.Callback):
             None if weights is None else [np.array(w) for w in weights]
         )
 
-    def _save_state(self, folder, epoch):
+    def _save_state(self, folder, epoch, keep_previous=False):
         """Writes the state to `folder`, for a ``fit`` resumed at `epoch`
-        (the epochs it has counted)."""
+        (the epochs it has counted: the state's epoch stamp)."""
         state = self.get_state()
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
         state["epoch"] = epoch
-        state_files.save_state(folder, self._state_name, state, weights or [])
+        state_files.save_state(folder, self._state_name, state, weights or [],
+                               keep_previous=keep_previous)
 
     def _set_saved_state(self, loaded):
-        """Restores ``(numbers, arrays)`` written by `_save_state`; False
-        for None (nothing saved)."""
+        """Restores ``(numbers, arrays)`` written by `_save_state` (None:
+        nothing saved)."""
         if loaded is None:
-            return False
+            return
         numbers_, arrays = loaded
         numbers_["best_weights"] = arrays if numbers_["has_weights"] else None
         self.set_state(numbers_)
-        self._saved_epoch = numbers_.get("epoch")
-        return True
 
     # Callback hooks ------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._reset()
+        self._maximize = None
         self._finished = False
         # Beside kreg's ModelCheckpoint files, once the epoch is counted.
         # (A file saved in the middle of an epoch gets the state the epoch
@@ -212,40 +212,72 @@ class EarlyStopping(keras.callbacks.Callback):
         self._state_name = registry.state_name(self, "early_stopping",
                                               _STATE_NAME)
         self._backup_folder = registry.backup_folder(self, self.backup_dir)
-        self._saved_epoch = None
-        self._first_epoch_seen = False
-        loaded = False
-        if self._backup_folder is not None:
-            loaded = self._set_saved_state(
-                state_files.load_state(self._backup_folder, self._state_name))
-        if not loaded and self.resume_from is not None:
-            self._set_saved_state(state_files.load_checkpoint_state(
-                self.resume_from, self._state_name, "EarlyStopping"))
+        self._resumed = False
+        # A checkpoint's state is read now: a bad `resume_from` fails
+        # before training. The backup folder's waits for the epoch the fit
+        # resumes at (on_epoch_begin), which picks the state saved for it.
+        self._checkpoint_state = None
+        if self.resume_from is not None:
+            self._checkpoint_state = state_files.load_checkpoint_state(
+                self.resume_from, self._state_name, "EarlyStopping")
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._first_epoch_seen:
+        if not self._resumed:
+            self._resume(epoch)
+
+    def _resume(self, epoch):
+        """Restores the saved state a ``fit`` resumed at `epoch` (None:
+        no epoch runs) continues from: the backup folder's (newer), else
+        the checkpoint's."""
+        self._resumed = True
+        folder, name = self._backup_folder, self._state_name
+        if folder is not None and (self._checkpoint_state is None
+                                   or state_files.has_state(folder, name)):
+            if epoch is None:
+                self._set_saved_state(state_files.load_state(folder, name))
+                return
+            self._set_saved_state(state_files.resume_state(
+                folder, name, epoch, use_older=(
+                    "EarlyStopping goes on from this state, so it may stop "
+                    "as many epochs later than an uninterrupted run, and "
+                    "misses a best epoch among them")))
             return
-        self._first_epoch_seen = True
-        if self._saved_epoch is not None and self._saved_epoch != epoch:
+        if self._checkpoint_state is None:
+            return
+        counted = self._checkpoint_state[0].get("epoch")
+        if epoch is not None and counted is not None and counted != epoch:
             warnings.warn(
-                f"EarlyStopping: the saved state it resumes from has counted "
-                f"{self._saved_epoch} epochs, but training resumes at epoch "
-                f"{epoch} (the weights were saved at another epoch than this "
-                "state, e.g. a callback failed between the two saves): the "
-                "stopping epoch may differ from an uninterrupted run's.",
-                stacklevel=2,
+                f"EarlyStopping: the state beside {self.resume_from!r} has "
+                f"counted {counted} epochs, but training resumes at epoch "
+                f"{epoch} (`initial_epoch`): the state is used as it is, so "
+                "the stopping epoch may differ from an uninterrupted run's "
+                f"(pass initial_epoch={counted} to resume where it was "
+                "saved).",
+                stacklevel=3,
             )
+        self._set_saved_state(self._checkpoint_state)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._maximize is None:
+            # At the first epoch's end, as Keras: a monitor whose direction
+            # mode="auto" cannot tell (a typo) fails now.
+            self._maximize = self._infer_direction(logs or {})
         current = self._monitor_value(logs)
         if current is not None and epoch >= self.start_from_epoch:
             self._update(epoch, current)
         if self._backup_folder is not None:
-            self._save_state(self._backup_folder, epoch + 1)
+            # The state it replaces stays too: if the fit is interrupted
+            # before Keras's backup of this epoch is written, the resumed
+            # fit runs this epoch again, from that one.
+            self._save_state(self._backup_folder, epoch + 1,
+                             keep_previous=True)
         self._checkpoint_writes.epoch_finished(epoch)
 
     def on_train_end(self, logs=None):
         if not self._finished:
+            if not self._resumed:
+                # No epoch ran (a fit resumed after its last epoch).
+                self._resume(None)
             self._finish()
 
     def _finish(self):
@@ -270,8 +302,6 @@ class EarlyStopping(keras.callbacks.Callback):
 
     # Internals -----------------------------------------------------------
     def _update(self, epoch, current):
-        if self._maximize is None:
-            self._maximize = self._infer_direction()
         if self.restore_best_weights and self.best_weights is None:
             # The first monitored epoch is the best so far.
             self.best_weights = self._weights_to_keep()
@@ -321,9 +351,20 @@ class EarlyStopping(keras.callbacks.Callback):
                 stacklevel=3,
             )
             return None
-        return float(np.asarray(keras.ops.convert_to_numpy(value)))
+        value = np.asarray(keras.ops.convert_to_numpy(value))
+        if value.size != 1:
+            raise ValueError(
+                f"EarlyStopping monitors one number, but `{self.monitor}` "
+                f"was logged with shape {value.shape} (a metric with one "
+                "value per class or output, such as F1Score with "
+                "average=None): monitor a metric that averages them (e.g. "
+                "average='macro' or 'micro'). Received: "
+                f"{self.monitor}={value.tolist()!r}"
+            )
+        # One element, of shape () or (1,) (F1Score on one output unit).
+        return float(value.reshape(()))
 
-    def _infer_direction(self):
+    def _infer_direction(self, logs):
         """Whether the monitored value is maximized: `mode`, else Keras's
         own rule (a loss is minimized; a metric object of the model says
         its direction), asked of a `keras.callbacks.EarlyStopping`."""
@@ -335,7 +376,20 @@ class EarlyStopping(keras.callbacks.Callback):
         keras_rule = keras.callbacks.EarlyStopping(monitor=self.monitor)
         keras_rule.set_model(self.model)
         keras_rule.on_train_begin()
-        keras_rule.on_epoch_end(0, {self.monitor: 0.0})
+        try:
+            keras_rule.on_epoch_end(0, {self.monitor: 0.0})
+        except ValueError as error:
+            if self.monitor in logs:
+                raise
+            raise ValueError(
+                f"EarlyStopping(monitor={self.monitor!r}): that name is not "
+                "logged and is not a loss or metric of the model, so "
+                "mode='auto' cannot tell whether it should go down or up "
+                "(training would never stop). Logged: "
+                f"{', '.join(sorted(logs)) or 'nothing'}. Check the name, "
+                "or pass mode='min' or mode='max' for a value logged later "
+                "or by another callback."
+            ) from error
         return keras_rule.monitor_op is keras.ops.greater
 
     def get_config(self):

@@ -6,6 +6,9 @@ import keras
 
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
+from kreg.callbacks.backup_and_restore import check_path, check_save_freq
+from kreg.utils.validation import check_bool, check_integer, check_number
+from kreg.utils.validation import check_one_of
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -21,8 +24,9 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     is not either). Which state is written when: ``docs/callbacks.md``.
 
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,
-    `save_weights_only`, `save_freq`, ...). Without kreg's callbacks in the
-    `fit` it behaves exactly as Keras's.
+    `save_weights_only`, `save_freq`, ...); `save_freq` is ``"epoch"`` or a
+    positive number of batches. Without kreg's callbacks in the `fit` it
+    behaves exactly as Keras's.
 
     Example:
 
@@ -33,6 +37,30 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     >>> ema = kreg.callbacks.EMA(0.999, resume_from="ckpt/epoch05.keras")
     >>> model.fit(x, y, initial_epoch=5, epochs=10, callbacks=[ema])
     """
+
+    def __init__(self, filepath, monitor="val_loss", verbose=0,
+                 save_best_only=False, save_weights_only=False, mode="auto",
+                 save_freq="epoch", initial_value_threshold=None):
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise TypeError(
+                "Invalid value received for argument `filepath`. Expected a "
+                f"path (str or os.PathLike). Received: filepath={filepath!r}")
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(
+                "Invalid value received for argument `monitor`. Expected a "
+                f"non-empty string. Received: monitor={monitor!r}")
+        if initial_value_threshold is not None:
+            initial_value_threshold = check_number(
+                "initial_value_threshold", initial_value_threshold)
+        super().__init__(
+            check_path("filepath", filepath), monitor=monitor,
+            verbose=check_integer("verbose", verbose, low=0),
+            save_best_only=check_bool("save_best_only", save_best_only),
+            save_weights_only=check_bool("save_weights_only",
+                                         save_weights_only),
+            mode=check_one_of("mode", mode, ("auto", "min", "max")),
+            save_freq=check_save_freq(save_freq),
+            initial_value_threshold=initial_value_threshold)
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)

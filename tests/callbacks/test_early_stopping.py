@@ -127,11 +127,74 @@ class SyntheticLogsTest(TestCase):
         with self.assertRaisesRegex(ValueError, "mode='max'"):
             drive(unknown, model, [0.3], "val_mystery")
 
-    def test_missing_monitor_warns(self):
-        cb = EarlyStopping(monitor="val_nothing")
-        with pytest.warns(UserWarning, match="val_nothing"):
-            run = drive(cb, tiny_model(), [0.5, 0.4], monitor="val_loss")
-        self.assertEqual((run, cb.best_epoch, cb.best), (2, None, None))
+    def test_missing_monitor_with_a_mode_warns_as_keras(self):
+        for mode in ("min", "max"):
+            with self.subTest(mode=mode):
+                ours = EarlyStopping(monitor="val_nothing", mode=mode)
+                keras_cb = keras.callbacks.EarlyStopping(
+                    monitor="val_nothing", mode=mode)
+                with pytest.warns(UserWarning, match="val_nothing"):
+                    run = drive(ours, tiny_model(), [0.5, 0.4],
+                                monitor="val_loss")
+                with pytest.warns(UserWarning, match="val_nothing"):
+                    run_keras = drive(keras_cb, tiny_model(), [0.5, 0.4],
+                                      monitor="val_loss")
+                self.assertEqual(run, run_keras)
+                self.assertEqual((run, ours.best_epoch, ours.best),
+                                 (2, None, None))
+
+    def test_mistyped_monitor_in_auto_mode_raises_at_first_epoch_end(self):
+        # Keras 3.15.1 raises at the end of the first epoch (it cannot tell
+        # the direction of a name that is neither a loss nor a metric of
+        # the model), also during start_from_epoch's warm-up.
+        for settings in (dict(), dict(start_from_epoch=3)):
+            with self.subTest(**settings):
+                keras_cb = keras.callbacks.EarlyStopping(monitor="val_los",
+                                                         **settings)
+                with self.assertRaises(ValueError):
+                    drive(keras_cb, tiny_model(), [0.5, 0.4])
+                ours = EarlyStopping(monitor="val_los", **settings)
+                epochs = []
+
+                class Count(keras.callbacks.Callback):
+                    def on_epoch_end(self, epoch, logs=None):
+                        epochs.append(epoch)
+
+                model = tiny_model()
+                with self.assertRaisesRegex(
+                        ValueError, "monitor='val_los'.*not logged.*"
+                        "val_loss.*mode='min'"):
+                    model.fit(np.zeros((8, 3)), np.zeros((8, 1)), epochs=3,
+                              validation_split=0.25, verbose=0,
+                              callbacks=[ours, Count()])
+                self.assertEqual(epochs, [])  # the first epoch's end
+
+    def test_one_element_array_as_keras(self):
+        # A metric of one output unit (F1Score, FBetaScore) logs shape (1,).
+        for settings in SETTINGS:
+            with self.subTest(settings=settings):
+                values = [np.array([v], "float32") for v in SEQUENCES[0]]
+                keras_cb = keras.callbacks.EarlyStopping(**settings)
+                ours = EarlyStopping(**settings)
+                model = tiny_model()
+                run_keras = drive(keras_cb, model, values)
+                keras_weights = model.get_weights()
+                run_ours = drive(ours, model, values)
+                self.assertEqual(run_ours, run_keras)
+                self.assertEqual(ours.stopped_epoch, keras_cb.stopped_epoch)
+                self.assertEqual(ours.best_epoch, keras_cb.best_epoch)
+                self.assertEqual(ours.wait, keras_cb.wait)
+                if keras_cb.best is not None:
+                    self.assertEqual(ours.best, float(keras_cb.best[0]))
+                for a, b in zip(model.get_weights(), keras_weights):
+                    self.assertAllEqual(a, b)
+
+    def test_several_values_is_an_error_naming_the_monitor(self):
+        cb = EarlyStopping(monitor="val_f1_score", mode="max")
+        with self.assertRaisesRegex(ValueError, "val_f1_score.*shape "
+                                    r"\(3,\).*average="):
+            drive(cb, tiny_model(), [np.array([0.1, 0.2, 0.3])],
+                  monitor="val_f1_score")
 
     def test_state_round_trip(self):
         cb = EarlyStopping(patience=3, restore_best_weights=True)
@@ -148,6 +211,8 @@ class SyntheticLogsTest(TestCase):
             (dict(patience=1.5), TypeError, "patience=1.5"),
             (dict(mode="up"), ValueError, "mode='up'"),
             (dict(min_delta="x"), TypeError, "min_delta='x'"),
+            (dict(min_delta=float("inf")), ValueError, "min_delta=inf"),
+            (dict(min_delta=float("nan")), ValueError, "min_delta=nan"),
             (dict(baseline="x"), TypeError, "baseline='x'"),
             (dict(restore_best_weights=1), TypeError,
              "restore_best_weights=1"),
@@ -160,6 +225,15 @@ class SyntheticLogsTest(TestCase):
             with self.subTest(kwargs=kwargs):
                 with self.assertRaisesRegex(error, text):
                     EarlyStopping(**kwargs)
+
+    def test_numpy_numbers_are_accepted(self):
+        cb = EarlyStopping(patience=np.int64(2), verbose=np.int32(0),
+                           start_from_epoch=np.int16(1),
+                           min_delta=np.float32(0.5), baseline=np.float64(1))
+        self.assertEqual((cb.patience, cb.start_from_epoch), (2, 1))
+        self.assertIs(type(cb.patience), int)
+        self.assertEqual(cb.min_delta, 0.5)
+        self.run_config_round_trip(cb)
 
     def test_config_round_trip(self):
         cb = EarlyStopping(monitor="val_mae", patience=4, baseline=0.5,
@@ -223,6 +297,38 @@ class FitTest(TestCase):
                                            verbose=0),
                             min(val), rtol=1e-5)
 
+    def test_f1_score_of_one_output_unit_as_keras(self):
+        rng = np.random.RandomState(0)
+        x = rng.normal(size=(64, 3)).astype("float32")
+        y = (x[:, :1] + rng.normal(size=(64, 1)) > 0).astype("float32")
+
+        def fit(callback):
+            keras.utils.set_random_seed(1)
+            model = keras.Sequential([keras.Input((3,)),
+                                      keras.layers.Dense(1, "sigmoid")])
+            model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy",
+                          metrics=[keras.metrics.F1Score(threshold=0.5)])
+            history = model.fit(x[:48], y[:48], validation_data=(x[48:],
+                                                                 y[48:]),
+                                epochs=20, batch_size=16, shuffle=False,
+                                verbose=0, callbacks=[callback])
+            return history, model.get_weights()
+
+        keras_cb = keras.callbacks.EarlyStopping(
+            monitor="val_f1_score", patience=2, restore_best_weights=True)
+        ours = EarlyStopping(monitor="val_f1_score", patience=2,
+                             restore_best_weights=True)
+        keras_history, keras_weights = fit(keras_cb)
+        self.assertEqual(np.shape(keras_history.history["val_f1_score"][0]),
+                         (1,))
+        history, weights = fit(ours)
+        self.assertEqual(len(history.epoch), len(keras_history.epoch))
+        self.assertEqual(ours.stopped_epoch, keras_cb.stopped_epoch)
+        self.assertEqual(ours.best_epoch, keras_cb.best_epoch)
+        self.assertAllClose(ours.best, np.squeeze(keras_cb.best))
+        for a, b in zip(weights, keras_weights):
+            self.assertAllClose(a, b)
+
     def test_restore_when_running_out_and_reuse(self):
         cb = EarlyStopping(patience=100, restore_best_weights=True)
         record = RecordWeights()
@@ -275,12 +381,12 @@ class FitTest(TestCase):
                 with self.assertRaisesRegex(RuntimeError, "interrupted"):
                     self.fit(model, callbacks(early_stopping(), Interrupt(cut)))
                 self.assertTrue(os.path.exists(
-                    os.path.join(backup, "kreg_early_stopping.json")))
+                    os.path.join(backup, "kreg_early_stopping.npz")))
                 model = self.model()
                 second = early_stopping()
                 history = self.fit(model, callbacks(second))
                 self.assertFalse(os.path.exists(
-                    os.path.join(backup, "kreg_early_stopping.json")))
+                    os.path.join(backup, "kreg_early_stopping.npz")))
                 self.assert_same_stop(model, second, history, full,
                                       ref_weights, cut)
 
