@@ -27,7 +27,8 @@ class Dropout(keras.layers.Layer):
 
     A drop-in for `keras.layers.Dropout` (same arguments and defaults), plus
     ``mc``. Unlike Keras, ``rate=1`` is refused: it would drop everything and
-    divide by zero.
+    divide by zero. Under `tf.distribute` every replica draws its own masks
+    (Keras's layer gives all replicas the same ones).
 
     Args:
         rate: float in [0, 1), the probability of dropping a unit.
@@ -59,9 +60,10 @@ class Dropout(keras.layers.Layer):
         self.noise_shape = _validate_noise_shape(noise_shape)
         self.seed = check_optional_seed("seed", seed)
         self.mc = check_bool("mc", mc)
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.seed_generator = _ReplicaSeedGenerator(self.seed)
         self.supports_masking = True
-        self.built = True
+        if _builds_at_init(self):
+            self.built = True
 
     def call(self, inputs, training=False):
         if (training or self.mc) and self.rate > 0:
@@ -99,6 +101,42 @@ class Dropout(keras.layers.Layer):
             "mc": self.mc,
         }
         return {**super().get_config(), **config}
+
+
+class _ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A `keras.random.SeedGenerator` whose seeds differ between replicas.
+
+    Under `tf.distribute.MirroredStrategy` and
+    `MultiWorkerMirroredStrategy` every replica reads the same seed state, so
+    a plain generator gives every replica the same noise for its share of
+    the batch. Inside a step with several replicas, the seed drawn here is
+    folded with the replica's id (`tf.random.experimental.stateless_fold_in`,
+    the id being `replica_id_in_sync_group`, unique over all workers).
+    Elsewhere (one device, JAX, PyTorch) it is the plain generator's seed.
+    JAX's `keras.distribution` needs no folding: it draws the noise of the
+    whole global batch at once.
+    """
+
+    def next(self, ordered=True):
+        seed = super().next(ordered=ordered)
+        if keras.backend.backend() != "tensorflow":
+            return seed
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return seed
+        # int32, as Keras's TensorFlow random ops map the int64 state (XLA
+        # takes int32 seeds only).
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")
+        replica = tf.cast(context.replica_id_in_sync_group, "int32")
+        return tf.random.experimental.stateless_fold_in(seed, replica)
+
+
+def _builds_at_init(layer):
+    """Whether `layer` may be marked built at construction: only when its
+    class does not override `build`, as Keras does for its own layers."""
+    return type(layer).build is keras.layers.Layer.build
 
 
 def _validate_noise_shape(noise_shape):

@@ -2,6 +2,8 @@
 
 import keras
 
+from kreg.layers.dropout import _builds_at_init
+from kreg.layers.dropout import _ReplicaSeedGenerator
 from kreg.utils.validation import check_number
 from kreg.utils.validation import check_optional_seed
 
@@ -17,10 +19,11 @@ class GaussianNoise(keras.layers.Layer):
 
     A drop-in for `keras.layers.GaussianNoise`; unlike it, any
     ``stddev >= 0`` is accepted (Keras refuses values above 1, which rules out
-    noise on unscaled inputs).
+    noise on unscaled inputs). Under `tf.distribute` every replica draws its
+    own noise (Keras's layer gives all replicas the same).
 
     Args:
-        stddev: float >= 0, the standard deviation of the noise.
+        stddev: finite float >= 0, the standard deviation of the noise.
         seed: optional non-negative int for reproducible noise. Defaults to
             ``None``.
         **kwargs: base layer keyword arguments.
@@ -36,11 +39,13 @@ class GaussianNoise(keras.layers.Layer):
 
     def __init__(self, stddev, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.stddev = check_number("stddev", stddev, 0.0, None)
+        self.stddev = check_number("stddev", stddev, 0.0, float("inf"),
+                                   high_inclusive=False)
         self.seed = check_optional_seed("seed", seed)
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.seed_generator = _ReplicaSeedGenerator(self.seed)
         self.supports_masking = True
-        self.built = True
+        if _builds_at_init(self):
+            self.built = True
 
     def call(self, inputs, training=False):
         if training and self.stddev > 0:

@@ -23,8 +23,8 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
         model: a built `keras.Model`.
         x: inputs: an array, or a list/dict of arrays for several inputs.
         num_samples: int >= 2, the number of passes T. Defaults to ``20``.
-        batch_size: number of examples per forward call; ``None`` runs all
-            of `x` as one batch. Defaults to ``None``.
+        batch_size: int > 0, the number of examples per forward call;
+            ``None`` runs all of `x` as one batch. Defaults to ``None``.
 
     Returns:
         A tuple ``(mean, std)`` of NumPy arrays with the shape of one
@@ -35,15 +35,16 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
         Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing
         Model Uncertainty in Deep Learning", ICML 2016.
     """
-    if (
-        isinstance(num_samples, bool)
-        or not isinstance(num_samples, numbers.Integral)
-        or num_samples < 2
-    ):
-        raise ValueError(
-            "Invalid value received for argument `num_samples`. Expected an "
-            f"int >= 2. Received: num_samples={num_samples!r}"
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "Invalid value received for argument `model`. Expected a "
+            f"keras.Model. Received: model={model!r}"
         )
+    num_samples = _check_int("num_samples", num_samples, 2, ">= 2")
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1,
+                                "> 0, or None")
+    count = _count_examples(x)
     if not any(
         isinstance(layer, Dropout) and layer.mc and layer.rate > 0
         for layer, _ in walk_layers(model)
@@ -54,16 +55,53 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
             f"pass is identical. Received: model={model.name!r}"
         )
     samples = np.stack(
-        [_one_pass(model, x, batch_size) for _ in range(num_samples)]
+        [_one_pass(model, x, count, batch_size) for _ in range(num_samples)]
     )
     return samples.mean(axis=0), samples.std(axis=0)
 
 
-def _one_pass(model, x, batch_size):
+def _check_int(name, value, low, expectation):
+    """Returns `value` as an int (NumPy integers included) >= `low`."""
+    message = (
+        f"Invalid value received for argument `{name}`. Expected an int "
+        f"{expectation}. Received: {name}={value!r}"
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(message)
+    if value < low:
+        raise ValueError(message)
+    return int(value)
+
+
+def _count_examples(x):
+    """The number of examples in `x`, after checking that every input is an
+    array (at least 1-D) and that all have the same length."""
+    leaves = keras.tree.flatten(x)
+    if not leaves or any(
+        not hasattr(leaf, "shape") or len(leaf.shape) == 0 for leaf in leaves
+    ):
+        raise TypeError(
+            "Invalid value received for argument `x`. Expected an array, or "
+            f"a list/dict of arrays (at least 1-D). Received: x={x!r}"
+        )
+    lengths = [int(leaf.shape[0]) for leaf in leaves]
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            "Invalid value received for argument `x`. Expected inputs with "
+            f"the same number of examples. Received: x with lengths {lengths}"
+        )
+    if lengths[0] == 0:
+        raise ValueError(
+            "Invalid value received for argument `x`. Expected at least one "
+            "example. Received: x with 0 examples"
+        )
+    return lengths[0]
+
+
+def _one_pass(model, x, count, batch_size):
     """One stochastic pass with the compiled predict step (no data pipeline:
     `model.predict` would build one per pass)."""
-    count = len(keras.tree.flatten(x)[0])
-    step = count if batch_size is None else int(batch_size)
+    step = count if batch_size is None else batch_size
     chunks = [
         keras.tree.map_structure(lambda a, s=start: a[s:s + step], x)
         for start in range(0, count, step)

@@ -26,6 +26,10 @@ class WeightNoise(keras.layers.Wrapper):
     normalization parameters. For a `Dense` layer and a fixed input ``x``,
     each output unit gets extra noise ``N(0, stddev^2 * ||x||^2)``.
 
+    One draw per step serves the whole batch; under a distribution
+    (`tf.distribute`, `keras.distribution`) every replica of a step uses
+    that same draw, so the training is the one-device training.
+
     Keras has no built-in equivalent. The wrapped layer runs through its
     public ``stateless_call`` with the noisy kernel values, so any Keras
     layer with a kernel works, on every backend and in compiled ``fit``.
@@ -33,8 +37,8 @@ class WeightNoise(keras.layers.Wrapper):
     Args:
         layer: a `keras.layers.Layer` with at least one kernel (e.g. `Dense`,
             `Conv2D`, `DepthwiseConv2D`, `Embedding`).
-        stddev: float >= 0, the noise's standard deviation (absolute, in the
-            kernel's units).
+        stddev: finite float >= 0, the noise's standard deviation (absolute,
+            in the kernel's units).
         seed: optional non-negative int for reproducible noise. Defaults to
             ``None``.
         **kwargs: base layer keyword arguments.

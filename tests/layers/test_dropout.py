@@ -108,6 +108,39 @@ class DropoutTest(TestCase):
                 np.ones((2, 3, 4), "float32"), training=True
             )
 
+    def test_numpy_integers_are_accepted(self):
+        x = np.ones((8, 6, 40), "float32")
+        layer = Dropout(np.int64(0), seed=np.int64(3))
+        self.assertEqual(layer.get_config()["seed"], 3)
+        self.assertAllEqual(layer(x, training=True), x)
+        shaped = Dropout(0.5, noise_shape=(np.int64(8), np.int32(1), None),
+                         seed=np.int64(3))
+        reference = Dropout(0.5, noise_shape=(8, 1, None), seed=3)
+        self.assertEqual(shaped.noise_shape, (8, 1, None))
+        self.assertAllEqual(shaped(x, training=True),
+                            reference(x, training=True))
+
+    def test_a_subclass_build_is_called_as_for_keras_dropout(self):
+        def subclass(base):
+            class WithBuild(base):
+                def build(self, input_shape):
+                    self.build_shapes = getattr(self, "build_shapes", [])
+                    self.build_shapes.append(tuple(input_shape))
+
+            return WithBuild
+
+        ours, reference = subclass(Dropout)(0.5), subclass(
+            keras.layers.Dropout)(0.5)
+        for layer in (ours, reference):
+            self.assertFalse(layer.built)
+            layer(self.x, training=True)
+            layer(self.x, training=True)
+            self.assertTrue(layer.built)
+            self.assertEqual(layer.build_shapes, [self.x.shape])
+        # Without an own `build`, built at construction, as in Keras.
+        self.assertTrue(Dropout(0.5).built)
+        self.assertTrue(keras.layers.Dropout(0.5).built)
+
 
 class McPredictTest(TestCase):
     def test_mean_and_std_of_monte_carlo_passes(self):
@@ -150,3 +183,42 @@ class McPredictTest(TestCase):
         model = keras.Sequential([keras.Input((3,)), Dropout(0.5, mc=True)])
         with self.assertRaisesRegex(ValueError, "num_samples=1"):
             mc_predict(model, np.ones((2, 3)), num_samples=1)
+
+    def test_bad_batch_size_x_and_model_before_any_prediction(self):
+        calls = []
+
+        class Counting(keras.Sequential):
+            def predict_on_batch(self, x):
+                calls.append(x)
+                return super().predict_on_batch(x)
+
+        model = Counting([keras.Input((3,)), Dropout(0.5, mc=True)])
+        x = np.ones((4, 3), "float32")
+        for batch_size, error in ((0, ValueError), (-1, ValueError),
+                                  (2.5, TypeError), ("a", TypeError),
+                                  (True, TypeError)):
+            with self.assertRaisesRegex(
+                error, rf"`batch_size`.*batch_size={batch_size!r}"
+            ):
+                mc_predict(model, x, batch_size=batch_size)
+        with self.assertRaisesRegex(TypeError, r"`x`.*x=None"):
+            mc_predict(model, None)
+        with self.assertRaisesRegex(TypeError, r"`x`.*x=\[None\]"):
+            mc_predict(model, [None])
+        with self.assertRaisesRegex(ValueError, r"`x`.*0 examples"):
+            mc_predict(model, np.ones((0, 3), "float32"))
+        with self.assertRaisesRegex(ValueError, r"`x`.*\[4, 3\]"):
+            mc_predict(model, [x, x[:3]])
+        with self.assertRaisesRegex(TypeError, r"`model`.*model='m'"):
+            mc_predict("m", x)
+        with self.assertRaisesRegex(TypeError, r"`num_samples`.*'5'"):
+            mc_predict(model, x, num_samples="5")
+        self.assertEqual(calls, [])
+
+    def test_numpy_integers_for_num_samples_and_batch_size(self):
+        model = keras.Sequential([keras.Input((3,)), Dropout(0.5, mc=True)])
+        x = np.ones((5, 3), "float32")
+        mean, std = mc_predict(model, x, num_samples=np.int64(4),
+                               batch_size=np.int64(2))
+        self.assertEqual(mean.shape, (5, 3))
+        self.assertEqual(std.shape, (5, 3))

@@ -65,3 +65,33 @@ class GaussianNoiseTest(TestCase):
             GaussianNoise(None)
         with self.assertRaisesRegex(TypeError, r"`seed`.*'1'"):
             GaussianNoise(0.1, seed="1")
+        for stddev in (float("inf"), float("-inf"), float("nan")):
+            with self.assertRaisesRegex(ValueError,
+                                        rf"`stddev`.*stddev={stddev}"):
+                GaussianNoise(stddev)
+
+    def test_numpy_integers_are_accepted(self):
+        layer = GaussianNoise(np.int64(2), seed=np.int64(5))
+        self.assertEqual(layer.get_config()["seed"], 5)
+        self.assertAllEqual(layer(self.x, training=True),
+                            GaussianNoise(2.0, seed=5)(self.x, training=True))
+
+    def test_a_subclass_build_is_called_as_for_keras_gaussian_noise(self):
+        def subclass(base):
+            class WithBuild(base):
+                def build(self, input_shape):
+                    self.build_shapes = getattr(self, "build_shapes", [])
+                    self.build_shapes.append(tuple(input_shape))
+
+            return WithBuild
+
+        ours = subclass(GaussianNoise)(0.5)
+        reference = subclass(keras.layers.GaussianNoise)(0.5)
+        for layer in (ours, reference):
+            self.assertFalse(layer.built)
+            layer(self.x, training=True)
+            layer(self.x, training=True)
+            self.assertTrue(layer.built)
+            self.assertEqual(layer.build_shapes, [self.x.shape])
+        self.assertTrue(GaussianNoise(0.5).built)
+        self.assertTrue(keras.layers.GaussianNoise(0.5).built)

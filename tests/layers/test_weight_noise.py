@@ -67,10 +67,41 @@ class WeightNoiseTest(TestCase):
             WeightNoise(keras.layers.Dense(2), stddev=0.1, seed=-1)
         with self.assertRaisesRegex(TypeError, "`layer`"):
             WeightNoise("dense", stddev=0.1)
+        for stddev in (float("inf"), float("nan")):
+            with self.assertRaisesRegex(ValueError,
+                                        rf"`stddev`.*stddev={stddev}"):
+                WeightNoise(keras.layers.Dense(2), stddev=stddev)
         with self.assertRaisesRegex(ValueError, "`layer`.*kernel"):
             WeightNoise(keras.layers.BatchNormalization(), stddev=0.1)(
                 self.x
             )
+
+    def test_numpy_integers_are_accepted(self):
+        dense = keras.layers.Dense(3)
+        dense.build((None, 5))
+        ours = WeightNoise(dense, stddev=np.int64(1), seed=np.int64(4))
+        reference = WeightNoise(dense, stddev=1.0, seed=4)
+        self.assertEqual(ours.get_config()["seed"], 4)
+        self.assertAllEqual(ours(self.x, training=True),
+                            reference(self.x, training=True))
+
+    def test_a_subclass_build_is_called(self):
+        class WithBuild(WeightNoise):
+            def build(self, input_shape=None):
+                self.build_shapes = getattr(self, "build_shapes", [])
+                self.build_shapes.append(tuple(input_shape))
+                super().build(input_shape)
+
+        for built_beforehand in (False, True):
+            dense = keras.layers.Dense(3)
+            if built_beforehand:
+                dense.build((None, 5))
+            layer = WithBuild(dense, stddev=0.1, seed=0)
+            self.assertFalse(layer.built)
+            layer(self.x, training=True)
+            layer(self.x, training=True)
+            self.assertTrue(layer.built)
+            self.assertEqual(layer.build_shapes, [self.x.shape])
 
     def test_config_and_save_load(self):
         wrapped = WeightNoise(keras.layers.Dense(3), stddev=0.3, seed=7,
