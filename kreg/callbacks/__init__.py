@@ -10,6 +10,8 @@
   and `RetrainOnFullData` state in the same folder.
 - `ModelCheckpoint`: Keras's, plus the EMA's state beside each file
   (``EMA(resume_from=file)`` continues from it).
+- `FineTuning`: transfer learning, a frozen pre-trained base unfrozen from
+  the top in steps, with a lower learning rate for it.
 - `GradientMonitor`: gradient norms of a `ClippedOptimizer` in the logs,
   warnings on vanishing or exploding layers.
 """
@@ -17,6 +19,7 @@
 from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.callbacks.early_stopping import EarlyStopping
 from kreg.callbacks.ema import EMA
+from kreg.callbacks.fine_tuning import FineTuning
 from kreg.callbacks.gradient_monitor import GradientMonitor
 from kreg.callbacks.model_checkpoint import ModelCheckpoint
 from kreg.callbacks.retrain_on_full_data import RetrainOnFullData
@@ -25,6 +28,7 @@ __all__ = [
     "EMA",
     "BackupAndRestore",
     "EarlyStopping",
+    "FineTuning",
     "GradientMonitor",
     "ModelCheckpoint",
     "RetrainOnFullData",

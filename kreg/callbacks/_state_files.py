@@ -42,6 +42,9 @@ _OWNERS = {
         "kreg.callbacks.RetrainOnFullData",
         "phase 2 starts from the weights the resumed fit begins with, and "
         "the logs of the earlier phase-1 epochs are missing"),
+    "kreg_fine_tuning": (
+        "kreg.callbacks.FineTuning",
+        "the base's optimizer state (moments, step count) starts over"),
     "kreg_retrain_phase2_logs": (
         "kreg.callbacks.RetrainOnFullData",
         "the History lacks the logs of the earlier phase-2 epochs"),

@@ -242,14 +242,17 @@ class EMA(keras.callbacks.Callback):
             self.swap_out()  # an interrupted fit left the averages in
         self._optimizer = install(self.model, AveragingOptimizer,
                                   AveragingOptimizer)
-        targets = list(self.model.trainable_variables)
-        if len(targets) != len(self._optimizer.shadows):
+        # Every weight the optimizer may train (kreg.callbacks.FineTuning
+        # freezes some of them for a while).
+        targets = list(self._optimizer.built_variables)
+        known = {id(v) for v in targets}
+        if any(id(v) not in known for v in self.model.trainable_variables):
             raise ValueError(
                 "The model's trainable weights changed since it was "
                 "compiled: compile it again before fitting with an EMA.")
         if self.average_non_trainable:
             targets += [v for v in self.model.non_trainable_variables
-                        if "float" in str(v.dtype)]
+                        if "float" in str(v.dtype) and id(v) not in known]
         self._targets = targets
         self._fitted_model = self.model
         self._reset(in_fit=True)

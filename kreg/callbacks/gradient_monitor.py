@@ -196,7 +196,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """Groups the optimizer's variables by layer: name -> indices."""
         if self._layers is None:
             groups = {}
-            for i, variable in enumerate(self.model.trainable_variables):
+            for i, variable in enumerate(self._clipped.built_variables):
                 path = getattr(variable, "path", variable.name)
                 layer = path.rsplit("/", 1)[0] if "/" in path else path
                 groups.setdefault(layer, []).append(i)
@@ -205,9 +205,13 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _sample_layers(self, batch):
         norms = _value(self._clipped.variable_grad_norms).astype("float64")
+        # Only the layers training now (kreg.callbacks.FineTuning freezes
+        # some for a while).
+        trained = self._clipped.built_variables
         layer_norms = {
             layer: float(np.sqrt(np.sum(norms[indices] ** 2)))
             for layer, indices in self._layer_index().items()
+            if any(trained[i].trainable for i in indices)
         }
         self.layer_norms = layer_norms
         self.history.append((self._epoch, batch, layer_norms))

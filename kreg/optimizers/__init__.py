@@ -5,9 +5,12 @@
   gradients, with gradient-health statistics for the `fit` logs.
 - `AveragingOptimizer`: the exponential moving average of the weights that
   `kreg.callbacks.EMA` puts around a model's optimizer.
+- `FineTuningOptimizer`: a pre-trained base's own optimizer state and lower
+  learning rate, for `kreg.callbacks.FineTuning`.
 """
 
 from kreg.optimizers.averaging_optimizer import AveragingOptimizer
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
+from kreg.optimizers.fine_tuning_optimizer import FineTuningOptimizer
 
-__all__ = ["AveragingOptimizer", "ClippedOptimizer"]
+__all__ = ["AveragingOptimizer", "ClippedOptimizer", "FineTuningOptimizer"]

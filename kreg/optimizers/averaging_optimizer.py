@@ -76,25 +76,35 @@ class AveragingOptimizer(OptimizerWrapper):
         decay = ops.where(ops.greater(power, 0.0), warm, decay)
         return ops.where(go, 1.0 - decay, 0.0), count
 
-    def _average(self, weights, stepped):
+    def _shadows_of(self, variables):
+        """The shadows of `variables` (all, or those trainable now)."""
+        if len(variables) == len(self.shadows):
+            return tuple(self.shadows)
+        index = {id(v): i for i, v in enumerate(self.built_variables)}
+        return tuple(self.shadows[index[id(v)]] for v in variables)
+
+    def _average(self, variables, weights, stepped):
         rate, count = self._rate(stepped)
+        shadows = self._shadows_of(variables)
         backend = keras.backend.backend()
         if backend == "tensorflow" and _tf_without_strategy():
             # One XLA cluster for all shadows (Keras compiles the train step
             # of many models without XLA on TensorFlow).
-            if getattr(self, "_xla_update", None) is None:
-                self._xla_update = _xla_update(self.shadows)
-            self._xla_update([w.value for w in weights], rate)
+            updates = vars(self).setdefault("_xla_updates", {})
+            key = tuple(id(s) for s in shadows)
+            if key not in updates:
+                updates[key] = _xla_update(shadows)
+            updates[key]([getattr(w, "value", w) for w in weights], rate)
         elif backend == "torch":
             import torch
 
             with torch.no_grad():
                 torch._foreach_lerp_(
-                    [s.value for s in self.shadows],
+                    [s.value for s in shadows],
                     [ops.convert_to_tensor(w) for w in weights], rate,
                 )
         else:
-            for shadow, w in zip(self.shadows, weights):
+            for shadow, w in zip(shadows, weights):
                 s = shadow.value
                 shadow.assign_sub(ops.cast(rate, s.dtype) * (s - w))
         self.count.assign(count)
@@ -112,7 +122,7 @@ class AveragingOptimizer(OptimizerWrapper):
         before = ops.copy(self.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
         stepped = ops.not_equal(ops.copy(self.iterations), before)
-        self._average(trainable_variables, stepped)
+        self._average(trainable_variables, trainable_variables, stepped)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         own = len(optimizer_variables) - len(self.inner_optimizer.variables)
@@ -130,7 +140,7 @@ class AveragingOptimizer(OptimizerWrapper):
         own_variables = self.variables[:own]
         with keras.StatelessScope(
                 state_mapping=list(zip(own_variables, own_values))) as scope:
-            self._average(new_weights, stepped)
+            self._average(self.trained_variables(), new_weights, stepped)
             new_own = [scope.get_current_value(v) for v in own_variables]
         return new_weights, new_own + list(new_inner)
 

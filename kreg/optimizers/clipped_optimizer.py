@@ -1,6 +1,7 @@
 """ClippedOptimizer: gradient clipping and non-finite protection as a wrapper."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
@@ -348,8 +349,9 @@ class ClippedOptimizer(OptimizerWrapper):
             norm,
             self._norm_stats[1] + ops.where(finite, norm, 0.0),
         ]))
-        if num_grads == self._variable_grad_norms.shape[0]:
-            self._variable_grad_norms.assign(statistics["norms"])
+        norms = self._norms_of_all(statistics["norms"], num_grads)
+        if norms is not None:
+            self._variable_grad_norms.assign(norms)
         skipped = ops.logical_not(finite)
         if self.on_non_finite == "apply":
             skipped = ops.zeros((), "bool")
@@ -358,6 +360,19 @@ class ClippedOptimizer(OptimizerWrapper):
             ops.logical_and(statistics["clipped"], finite),
             skipped,
         ]), "int32"))
+
+    def _norms_of_all(self, norms, num_grads):
+        """`norms` (of the weights of a step) placed at the weights' places
+        among those it was built with, 0 for frozen ones; None if unknown."""
+        size = self._variable_grad_norms.shape[0]
+        if num_grads == size:
+            return norms
+        trained = self.trained_variables()
+        if num_grads != len(trained):
+            return None
+        index = {id(v): i for i, v in enumerate(self.built_variables)}
+        positions = np.array([[index[id(v)]] for v in trained], "int32")
+        return ops.scatter(positions, ops.cast(norms, "float32"), (size,))
 
     def _lets_inner_skip(self):
         # With on_non_finite="apply" every step goes to the inner optimizer.
@@ -448,8 +463,9 @@ class ClippedOptimizer(OptimizerWrapper):
                 counts[1] += statistics["clipped"].to(counts.dtype)
             elif self.on_non_finite != "apply":
                 counts[2] += 1
-            if len(grads) == self._variable_grad_norms.shape[0]:
-                self._variable_grad_norms.value.copy_(statistics["norms"])
+            norms = self._norms_of_all(statistics["norms"], len(grads))
+            if norms is not None:
+                self._variable_grad_norms.value.copy_(norms)
         if finite or self._lets_inner_skip():
             self.inner_optimizer.apply(clipped, trainable_variables)
 

@@ -52,6 +52,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         """Creates the wrapper's own variables (`add_variable`)."""
 
     def build(self, var_list):
+        # Not tracked: they are the model's weights, not optimizer state.
+        object.__setattr__(self, "built_variables", list(var_list))
         self.build_own(var_list)
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
@@ -60,6 +62,11 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return super().variables + self.inner_optimizer.variables
+
+    def trained_variables(self):
+        """The weights it was built with that are trainable now, in order:
+        those of a step (`kreg.callbacks.FineTuning` freezes some)."""
+        return [v for v in self.built_variables if v.trainable]
 
     @property
     def learning_rate(self):
@@ -130,14 +137,18 @@ def install(model, cls, make):
     found = find_wrapper(optimizer, cls)
     if found is not None:
         return found
+    # Every weight a wrapper inside may train (not only the trainable ones
+    # of the moment).
+    var_list = getattr(optimizer, "built_variables",
+                       model.trainable_variables)
     strategy = getattr(model, "distribute_strategy", None)
     with (strategy.scope() if strategy is not None
           else contextlib.nullcontext()):
         if not optimizer.built:
-            optimizer.build(model.trainable_variables)
+            optimizer.build(var_list)
         wrapper = make(optimizer)
         wrapper.saves_inner_state_only = True
-        wrapper.build(model.trainable_variables)
+        wrapper.build(var_list)
     model.optimizer = wrapper
     if model.train_function is not None:
         model.make_train_function(force=True)

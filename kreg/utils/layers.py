@@ -50,6 +50,12 @@ def walk_layers(root):
                 stack.append((child, chain + (child,)))
 
 
+def leaf_layers(root):
+    """The layers under `root` (itself included) that have no sublayers,
+    in the order of `walk_layers`."""
+    return [layer for layer, _ in walk_layers(root) if not _children(layer)]
+
+
 def short_name(variable):
     """The variable's own name (``"kernel"`` for ``"dense/kernel"``)."""
     return variable.name.split("/")[-1]

@@ -1,0 +1,224 @@
+"""FineTuning: train a pre-trained base frozen, then unfrozen from the top."""
+
+import keras
+
+from kreg.callbacks import _registry as registry
+from kreg.callbacks import _state_files as state_files
+from kreg.optimizers.fine_tuning_optimizer import FineTuningOptimizer
+from kreg.optimizers.optimizer_wrapper import find_wrapper
+from kreg.utils.layers import leaf_layers
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_number
+
+_BATCH_NORMALIZATION = ("BatchNormalization", "SyncBatchNormalization")
+_STATE_NAME = "kreg_fine_tuning"
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class FineTuning(keras.callbacks.Callback):
+    """Transfer learning: a frozen pre-trained base, then unfrozen stepwise.
+
+    For the first `freeze_epochs` epochs the base is frozen and only the
+    rest of the model (the head) trains. Then the base's layers with weights
+    are unfrozen from the top in `unfreeze_steps` blocks, one more block
+    every `epochs_per_step` epochs, with ``base_learning_rate_factor`` times
+    the head's learning rate (Howard & Ruder 2018, "gradual unfreezing" and
+    "discriminative fine-tuning"; Yosinski et al. 2014). Batch
+    normalization in the base stays frozen, so it runs in inference mode
+    with the pre-trained statistics (Keras's fine-tuning convention), unless
+    ``freeze_batch_normalization=False``.
+
+    The stage is a function of the epoch number, so a ``fit`` resumed by
+    `BackupAndRestore` continues in the stage it was in. Keras compiles a
+    train step for a fixed set of trainable weights, so each change of
+    stage rebuilds it with the public ``model.make_train_function(force=
+    True)``; no ``compile`` is needed, and the optimizer state is kept: the
+    callback puts a `kreg.optimizers.FineTuningOptimizer` around the model's
+    optimizer, with the head's state in the compiled optimizer and the
+    base's in a second one. List it before an `EMA` or a `GradientMonitor`.
+
+    Args:
+        base: the pre-trained part: a layer or model inside the fitted model,
+            or its name.
+        freeze_epochs: int >= 0, epochs with the whole base frozen.
+            Defaults to `1`.
+        unfreeze_steps: int >= 1, the number of blocks the base is unfrozen
+            in, top block first. Defaults to `1` (all at once).
+        epochs_per_step: int >= 1, epochs between two blocks. Defaults to
+            `1`.
+        base_learning_rate_factor: float in (0, inf), the base's learning
+            rate over the head's. Defaults to `0.1`.
+        freeze_batch_normalization: keep the base's batch normalization
+            frozen in every stage. Defaults to `True`.
+
+    Example:
+
+    ```python
+    base = keras.models.load_model("pretrained.keras")  # without its head
+    model = keras.Sequential([base, keras.layers.Dense(10)])
+    model.compile(keras.optimizers.Adam(1e-3), loss, metrics=["accuracy"])
+    model.fit(x, y, epochs=10, callbacks=[kreg.callbacks.FineTuning(
+        base, freeze_epochs=3, unfreeze_steps=2, epochs_per_step=2)])
+    ```
+    """
+
+    def __init__(self, base, freeze_epochs=1, unfreeze_steps=1,
+                 epochs_per_step=1, base_learning_rate_factor=0.1,
+                 freeze_batch_normalization=True):
+        super().__init__()
+        if not isinstance(base, (str, keras.layers.Layer)):
+            raise TypeError(
+                "Invalid value received for argument `base`. Expected a "
+                "keras.layers.Layer (or Model) or a layer name. Received: "
+                f"base={base!r}")
+        self.base = base
+        self.freeze_epochs = check_integer("freeze_epochs", freeze_epochs, 0)
+        self.unfreeze_steps = check_integer("unfreeze_steps", unfreeze_steps,
+                                            1)
+        self.epochs_per_step = check_integer("epochs_per_step",
+                                             epochs_per_step, 1)
+        self.base_learning_rate_factor = check_number(
+            "base_learning_rate_factor", base_learning_rate_factor, 0.0,
+            float("inf"), low_inclusive=False, high_inclusive=False)
+        self.freeze_batch_normalization = check_bool(
+            "freeze_batch_normalization", freeze_batch_normalization)
+        self.stage = None
+
+    def unfrozen_blocks(self, epoch):
+        """How many blocks of the base train in `epoch` (0-based)."""
+        if epoch < self.freeze_epochs:
+            return 0
+        return min(self.unfreeze_steps,
+                   1 + (epoch - self.freeze_epochs) // self.epochs_per_step)
+
+    def set_model(self, model):
+        super().set_model(model)
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                "FineTuning needs a compiled model: call `model.compile(...)` "
+                "before `fit`.")
+        self._blocks = self._base_blocks(model)
+        if find_wrapper(model.optimizer, FineTuningOptimizer) is None:
+            self._install(model)
+        # The first epoch's stage before Keras compiles the train step; a
+        # resumed fit changes it when its first epoch begins.
+        self._set_stage(0, rebuild=True)
+
+    def on_train_begin(self, logs=None):
+        self._backup_folder = registry.backup_folder(self, None)
+        self._pending = None
+        if self._backup_folder is not None:
+            self._pending = state_files.load_state(self._backup_folder,
+                                                   _STATE_NAME)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._set_stage(self.unfrozen_blocks(epoch), rebuild=True)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0].get("epoch") == epoch:
+            # A resumed fit: the base's optimizer state of the interrupted
+            # one (the model's own optimizer is in Keras's backup).
+            for variable, value in zip(self._base_optimizer().variables,
+                                       pending[1]):
+                variable.assign(value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._backup_folder is not None:
+            state_files.save_state(
+                self._backup_folder, _STATE_NAME, {"epoch": epoch + 1},
+                [keras.ops.convert_to_numpy(v)
+                 for v in self._base_optimizer().variables])
+
+    def on_train_end(self, logs=None):
+        if self._backup_folder is not None:
+            state_files.delete_state(self._backup_folder, _STATE_NAME)
+
+    def _base_optimizer(self):
+        return find_wrapper(self.model.optimizer,
+                            FineTuningOptimizer).base_optimizer
+
+    def _set_stage(self, blocks, rebuild):
+        if blocks == self.stage:
+            return
+        unfrozen = len(self._blocks) - blocks
+        for index, block in enumerate(self._blocks):
+            for layer in block:
+                layer.trainable = index >= unfrozen
+        for layer in self._batch_normalization:
+            layer.trainable = False
+        self.stage = blocks
+        if rebuild and self.model.train_function is not None:
+            self.model.make_train_function(force=True)
+
+    def _base_blocks(self, model):
+        base = self.base
+        if isinstance(base, str):
+            try:
+                base = model.get_layer(base)
+            except ValueError:
+                raise ValueError(
+                    "Invalid value received for argument `base`: the model "
+                    f"has no layer named {base!r}. Received: base={base!r}"
+                ) from None
+        base.trainable = True
+        layers = [layer for layer in leaf_layers(base) if layer.weights]
+        in_model = {id(v) for v in model.weights}
+        if not any(id(w) in in_model for layer in layers
+                   for w in layer.weights):
+            raise ValueError(
+                "Invalid value received for argument `base`: its weights are "
+                f"not weights of the fitted model {model.name!r}. "
+                f"Received: base={self.base!r}")
+        self._batch_normalization = [
+            layer for layer in layers
+            if type(layer).__name__ in _BATCH_NORMALIZATION
+            and self.freeze_batch_normalization]
+        layers = [layer for layer in layers
+                  if layer not in self._batch_normalization]
+        if len(layers) < self.unfreeze_steps:
+            raise ValueError(
+                "Invalid value received for argument `unfreeze_steps`: the "
+                f"base has {len(layers)} layers with weights to unfreeze. "
+                f"Received: unfreeze_steps={self.unfreeze_steps}")
+        size, extra = divmod(len(layers), self.unfreeze_steps)
+        blocks, start = [], 0
+        for index in range(self.unfreeze_steps):
+            stop = start + size + (1 if index < extra else 0)
+            blocks.append(layers[start:stop])
+            start = stop
+        return blocks
+
+    def _install(self, model):
+        """Puts a FineTuningOptimizer, built for every weight the schedule
+        will train, around the model's optimizer."""
+        self._set_stage(self.unfreeze_steps, rebuild=False)
+        trained = list(model.trainable_variables)
+        base_ids = {id(v) for block in self._blocks for layer in block
+                    for v in layer.trainable_variables}
+        optimizer = FineTuningOptimizer(
+            model.optimizer,
+            [v.path for v in trained if id(v) in base_ids],
+            self.base_learning_rate_factor)
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None:
+            with strategy.scope():
+                optimizer.build(trained)
+        else:
+            optimizer.build(trained)
+        # Checkpoints hold the compiled optimizer's state, as without the
+        # wrapper; the base's is in the backup folder's state file.
+        optimizer.saves_inner_state_only = True
+        model.optimizer = optimizer
+        self.stage = None
+
+    def get_config(self):
+        base = self.base if isinstance(self.base, str) else self.base.name
+        return {"base": base, "freeze_epochs": self.freeze_epochs,
+                "unfreeze_steps": self.unfreeze_steps,
+                "epochs_per_step": self.epochs_per_step,
+                "base_learning_rate_factor": self.base_learning_rate_factor,
+                "freeze_batch_normalization": self.freeze_batch_normalization}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

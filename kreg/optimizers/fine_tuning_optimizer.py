@@ -1,0 +1,136 @@
+"""FineTuningOptimizer: a pre-trained base's own optimizer and learning rate."""
+
+import keras
+
+from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.utils.validation import check_number
+
+
+class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """`factor` times `optimizer`'s learning rate now (its schedule at its
+    own `iterations`, so the base follows the head's schedule)."""
+
+    def __init__(self, optimizer, factor):
+        self.optimizer = optimizer
+        self.factor = factor
+
+    def __call__(self, step):
+        return keras.ops.multiply(
+            self.factor,
+            keras.ops.convert_to_tensor(self.optimizer.learning_rate),
+        )
+
+
+@keras.saving.register_keras_serializable(package="kreg")
+class FineTuningOptimizer(OptimizerWrapper):
+    """Trains a pre-trained base with its own optimizer state and lower rate.
+
+    The weights whose ``path`` is in `base_paths` are updated by a second
+    optimizer of the inner optimizer's class and settings (made from its
+    config), whose learning rate is at every step ``base_learning_rate_factor``
+    times the inner one's (following its schedule): discriminative learning
+    rates (Howard & Ruder 2018). Its own `iterations` start when the base
+    first trains, so Adam's bias correction starts afresh for the base
+    instead of treating its zero moments as long-trained ones. The other
+    weights (the head) are updated by the inner optimizer, whose state is
+    kept across stages.
+
+    Any subset of the weights it was built with may be trainable at a step
+    (a layer's ``trainable`` changed, then the public
+    ``model.make_train_function(force=True)``): only those are updated, on
+    every backend. `kreg.callbacks.FineTuning` installs it, and keeps the
+    base optimizer's state in its backup state (checkpoints hold the inner
+    optimizer's, as without the wrapper).
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` for the head: a plain
+            optimizer with a ``learning_rate`` (not a wrapper).
+        base_paths: the ``path`` of every weight of the base.
+        base_learning_rate_factor: float in (0, inf), the base's learning
+            rate over the head's. Defaults to `0.1`.
+        name: optional name. Defaults to `None`.
+    """
+
+    def __init__(self, optimizer, base_paths=(), base_learning_rate_factor=0.1,
+                 name=None):
+        super().__init__(optimizer, name=name)
+        if isinstance(base_paths, str) or not all(
+                isinstance(p, str) for p in base_paths):
+            raise TypeError(
+                "Invalid value received for argument `base_paths`. Expected "
+                f"a list of variable paths. Received: base_paths={base_paths!r}"
+            )
+        self.base_paths = list(base_paths)
+        self.base_learning_rate_factor = check_number(
+            "base_learning_rate_factor", base_learning_rate_factor, 0.0,
+            float("inf"), low_inclusive=False, high_inclusive=False)
+        config = optimizer.get_config()
+        if "learning_rate" not in config or isinstance(
+                optimizer, (OptimizerWrapper,
+                            keras.optimizers.LossScaleOptimizer)):
+            raise ValueError(
+                "Invalid value received for argument `optimizer`. Expected "
+                "a plain Keras optimizer with a learning rate (not a "
+                "wrapper such as a LossScaleOptimizer, ClippedOptimizer or "
+                "the EMA's AveragingOptimizer: list `FineTuning` before the "
+                "`EMA`/`GradientMonitor` callbacks). Received: "
+                f"optimizer={optimizer!r}")
+        config.update(name=f"{optimizer.name}_base", learning_rate=(
+            _ScaledLearningRate(optimizer, self.base_learning_rate_factor)))
+        self.base_optimizer = type(optimizer).from_config(config)
+
+    def build(self, var_list):
+        object.__setattr__(self, "built_variables", list(var_list))
+        base, _ = self._split(var_list)
+        if not self.inner_optimizer.built:
+            # On every weight, as when compiled without the wrapper, so that
+            # checkpoints (which hold its state) load into such a model.
+            self.inner_optimizer.build(var_list)
+        self.base_optimizer.build(base)
+        keras.optimizers.Optimizer.build(self, var_list)
+
+    @property
+    def variables(self):
+        return super().variables + self.base_optimizer.variables
+
+    def _split(self, variables, grads=None):
+        """``(base, head)`` lists of `variables` (or, with `grads`, of
+        ``(grad, variable)`` pairs)."""
+        base_paths = set(self.base_paths)
+        items = variables if grads is None else list(zip(grads, variables))
+        base, head = [], []
+        for item in items:
+            variable = item if grads is None else item[1]
+            (base if variable.path in base_paths else head).append(item)
+        return base, head
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            trainable_variables = self.trained_variables()
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        base, head = self._split(trainable_variables, grads)
+        for optimizer, pairs in ((self.inner_optimizer, head),
+                                 (self.base_optimizer, base)):
+            if pairs:
+                optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        variables = self.trained_variables()
+        if len(variables) != len(trainable_variables):
+            raise ValueError(
+                f"{len(trainable_variables)} trainable weights were passed, "
+                f"but {len(variables)} of the weights this optimizer was "
+                "built with are trainable: it was built for another model.")
+        mapping = list(zip(variables, trainable_variables)) + list(
+            zip(self.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.apply(grads, variables)
+        return ([scope.get_current_value(v) for v in variables],
+                [scope.get_current_value(v) for v in self.variables])
+
+    def get_config(self):
+        return {**super().get_config(), "base_paths": self.base_paths,
+                "base_learning_rate_factor": self.base_learning_rate_factor}

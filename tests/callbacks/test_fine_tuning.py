@@ -1,0 +1,223 @@
+"""FineTuning: stages, learning rates, optimizer state, resume, callbacks."""
+
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+
+from kreg.callbacks import EMA
+from kreg.callbacks import BackupAndRestore
+from kreg.callbacks import FineTuning
+from kreg.callbacks import GradientMonitor
+from kreg.testing import TestCase
+from tests.callbacks.helpers import Interrupt
+
+RNG = np.random.RandomState(0)
+X = RNG.normal(size=(32, 6)).astype("float32")
+Y = (X @ RNG.normal(size=(6, 1))).astype("float32")
+
+
+def make_model(optimizer=None, batch_normalization=True):
+    """A pre-trained-like base (Dense, BN, Dense, Dense) and a Dense head."""
+    keras.utils.set_random_seed(1)
+    layers = [keras.Input((6,)), keras.layers.Dense(8, name="b1")]
+    if batch_normalization:
+        layers.append(keras.layers.BatchNormalization(name="bn"))
+    layers += [keras.layers.Dense(8, activation="tanh", name="b2"),
+               keras.layers.Dense(8, activation="tanh", name="b3")]
+    base = keras.Sequential(layers, name="base")
+    model = keras.Sequential([keras.Input((6,)), base,
+                              keras.layers.Dense(1, name="head")],
+                             name="model")
+    model.compile(optimizer or keras.optimizers.Adam(1e-2), "mse")
+    return base, model
+
+
+def weights(model):
+    return {v.path: keras.ops.convert_to_numpy(v).copy()
+            for v in model.weights}
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = [weights(self.model)] if self.model else []
+
+    def on_train_begin(self, logs=None):
+        self.epochs = [weights(self.model)]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(weights(self.model))
+
+
+def changed(before, after):
+    return sorted({p.split("/")[-2] for p in after
+                   if not np.array_equal(before[p], after[p])})
+
+
+class FineTuningTest(TestCase):
+    def test_stages_unfreeze_the_base_from_the_top(self):
+        base, model = make_model()
+        recorder = Recorder()
+        model.fit(X, Y, batch_size=8, epochs=5, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=2, unfreeze_steps=3,
+                       epochs_per_step=1), recorder])
+        steps = [changed(a, b) for a, b in
+                 zip(recorder.epochs, recorder.epochs[1:])]
+        self.assertEqual(steps, [["head"], ["head"], ["b3", "head"],
+                                 ["b2", "b3", "head"],
+                                 ["b1", "b2", "b3", "head"]])
+        # Frozen batch normalization: inference mode, statistics untouched.
+        start = recorder.epochs[0]
+        for name in ("moving_mean", "moving_variance", "gamma", "beta"):
+            self.assertAllEqual(recorder.epochs[-1][f"base/bn/{name}"],
+                                start[f"base/bn/{name}"])
+
+    def test_frozen_stage_is_the_plain_fit_of_the_head(self):
+        base, model = make_model()
+        model.fit(X, Y, batch_size=8, epochs=2, verbose=0,
+                  callbacks=[FineTuning(base, freeze_epochs=2)])
+        reference_base, reference = make_model()
+        reference_base.trainable = False
+        reference.compile(keras.optimizers.Adam(1e-2), "mse")
+        reference.fit(X, Y, batch_size=8, epochs=2, verbose=0)
+        for path, value in weights(reference).items():
+            self.assertAllClose(weights(model)[path], value, atol=1e-6)
+
+    def test_base_learning_rate_is_the_factor_of_the_heads(self):
+        # One SGD step on all the data: the base moves by 0.25 times the
+        # step of a plain SGD fit of the whole model, the head by the same.
+        base, model = make_model(keras.optimizers.SGD(0.1),
+                                 batch_normalization=False)
+        start = weights(model)
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=0, base_learning_rate_factor=0.25)])
+        _, reference = make_model(keras.optimizers.SGD(0.1),
+                                  batch_normalization=False)
+        reference.fit(X, Y, batch_size=32, epochs=1, verbose=0)
+        after, expected = weights(model), weights(reference)
+        for path in start:
+            factor = 0.25 if path.startswith("base/") else 1.0
+            self.assertAllClose(after[path] - start[path],
+                                factor * (expected[path] - start[path]),
+                                atol=1e-6)
+
+    def test_adam_starts_afresh_for_the_base(self):
+        # Adam's first step moves each weight by lr (|g| >> epsilon); a base
+        # sharing the head's step count would move by about 3 lr.
+        base, model = make_model(keras.optimizers.Adam(1e-2),
+                                 batch_normalization=False)
+        recorder = Recorder()
+        model.fit(X, Y, batch_size=32, epochs=4, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=3, base_learning_rate_factor=0.5),
+            recorder])
+        before, after = recorder.epochs[3], recorder.epochs[4]
+        step = np.abs(after["base/b3/kernel"] - before["base/b3/kernel"])
+        self.assertAllClose(np.median(step), 0.5 * 1e-2, rtol=1e-2)
+        self.assertEqual(
+            int(keras.ops.convert_to_numpy(
+                model.optimizer.base_optimizer.iterations)), 1)
+
+    def test_interrupted_fit_resumes_in_its_stage(self):
+        def run(interrupt_at=None, folder=None):
+            base, model = make_model()
+            callbacks = [FineTuning(base, freeze_epochs=1, unfreeze_steps=2),
+                         BackupAndRestore(folder)]
+            if interrupt_at is not None:
+                callbacks.append(Interrupt(interrupt_at))
+            model.fit(X, Y, batch_size=8, epochs=5, verbose=0,
+                      shuffle=False, callbacks=callbacks)
+            return weights(model)
+
+        reference = run(folder=tempfile.mkdtemp())
+        folder = tempfile.mkdtemp()
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            run(interrupt_at=3, folder=folder)
+        self.assertTrue(os.path.exists(
+            os.path.join(folder, "kreg_fine_tuning.npz")))
+        resumed = run(folder=folder)
+        for path, value in reference.items():
+            self.assertAllClose(resumed[path], value, atol=1e-5)
+
+    def test_ema_and_gradient_monitor_in_every_stage(self):
+        base, model = make_model()
+        ema, monitor = EMA(decay=0.9), GradientMonitor(frequency=1)
+        seen = []
+
+        class Layers(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                seen.append(sorted(monitor.layer_norms))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(X, Y, batch_size=8, epochs=3, verbose=0,
+                                callbacks=[FineTuning(base, unfreeze_steps=3),
+                                           ema, monitor, Layers()])
+        self.assertEqual(
+            [w for w in caught if "GradientMonitor" in str(w.message)], [])
+        self.assertEqual(len(history.history["grad_norm"]), 3)
+        self.assertEqual(seen, [["model/head"], ["base/b3", "model/head"],
+                                ["base/b2", "base/b3", "model/head"]])
+        self.assertEqual(ema.steps, 12)
+        # b1, frozen throughout, is its own average; b3 trained and is not.
+        averaged = dict(zip([w.path for w in model.weights],
+                            ema.raw_model_weights()))
+        current = weights(model)
+        self.assertAllEqual(averaged["base/b1/kernel"],
+                            current["base/b1/kernel"])
+        self.assertFalse(np.array_equal(averaged["base/b3/kernel"],
+                                        current["base/b3/kernel"]))
+
+    def test_save_and_load_after_fine_tuning(self):
+        base, model = make_model()
+        model.fit(X, Y, batch_size=8, epochs=2, verbose=0,
+                  callbacks=[FineTuning(base)])
+        path = os.path.join(tempfile.mkdtemp(), "m.keras")
+        model.save(path)
+        # The optimizer state loads only where the trainable weights are
+        # those the optimizer was built for (README); the weights always.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = keras.models.load_model(path)
+        self.assertAllClose(loaded.predict(X, verbose=0),
+                            model.predict(X, verbose=0))
+
+    def test_base_by_name_and_config(self):
+        base, model = make_model()
+        callback = FineTuning("base", freeze_epochs=1)
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[callback])
+        self.assertEqual(callback.get_config()["base"], "base")
+        self.assertEqual(FineTuning.from_config(callback.get_config())
+                         .get_config(), callback.get_config())
+
+    def test_bad_arguments(self):
+        for kwargs, error, pattern in (
+                ({"base": 3}, TypeError, "`base`.*base=3"),
+                ({"base": "b", "freeze_epochs": -1}, ValueError,
+                 "freeze_epochs=-1"),
+                ({"base": "b", "unfreeze_steps": 0}, ValueError,
+                 "unfreeze_steps=0"),
+                ({"base": "b", "epochs_per_step": 1.5}, TypeError,
+                 "epochs_per_step=1.5"),
+                ({"base": "b", "base_learning_rate_factor": 0.0}, ValueError,
+                 "base_learning_rate_factor=0.0"),
+                ({"base": "b", "freeze_batch_normalization": "yes"},
+                 TypeError, "freeze_batch_normalization")):
+            with self.subTest(**{k: repr(v) for k, v in kwargs.items()}):
+                with self.assertRaisesRegex(error, pattern):
+                    FineTuning(**kwargs)
+        _, model = make_model()
+        with self.assertRaisesRegex(ValueError, "no layer named 'nope'"):
+            model.fit(X, Y, epochs=1, verbose=0,
+                      callbacks=[FineTuning("nope")])
+        _, model = make_model()
+        with self.assertRaisesRegex(ValueError, "unfreeze_steps=9"):
+            model.fit(X, Y, epochs=1, verbose=0,
+                      callbacks=[FineTuning("base", unfreeze_steps=9)])
+        base, model = make_model()
+        with self.assertRaisesRegex(ValueError, "list `FineTuning` before"):
+            model.fit(X, Y, epochs=1, verbose=0,
+                      callbacks=[EMA(), FineTuning(base)])
