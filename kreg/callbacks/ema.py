@@ -257,14 +257,14 @@ class EMA(keras.callbacks.Callback):
         self._fitted_model = self.model
         self._reset(in_fit=True)
         self._backup_folder = registry.backup_folder(self, self.backup_dir)
-        self._pending = None
-        if self._backup_folder is not None:
-            self._pending = state_files.load_state(self._backup_folder,
-                                                   _STATE_NAME)
-        self._from_checkpoint = (self._pending is None
-                                 and self.resume_from is not None)
-        if self._from_checkpoint:
-            self._pending = state_files.load_checkpoint_state(
+        # A checkpoint's state is read now (a bad `resume_from` fails before
+        # training); the backup folder's when the first epoch begins, which
+        # picks the state saved for it.
+        self._checkpoint_state = None
+        if self.resume_from is not None and not (
+                self._backup_folder is not None
+                and state_files.has_state(self._backup_folder, _STATE_NAME)):
+            self._checkpoint_state = state_files.load_checkpoint_state(
                 self.resume_from, _STATE_NAME, "EMA")
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -394,34 +394,24 @@ class EMA(keras.callbacks.Callback):
         """s_0 = w_0 (or an interrupted fit's state) before step 1."""
         self._shadow = [_copy(v.value) for v in self._targets]
         self._steps = 0
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            numbers, arrays = pending
-            saved_epoch = numbers.get("epoch")
-            num_shadow = numbers.get("num_shadow", len(arrays))
-            if (saved_epoch is not None and saved_epoch != epoch
-                    and not self._from_checkpoint):
-                warnings.warn(
-                    f"EMA: the state in {self._backup_folder!r} was saved "
-                    f"after epoch {saved_epoch} but training starts at epoch "
-                    f"{epoch}; it is ignored and the average restarts from "
-                    "the current weights (use BackupAndRestore with "
-                    'save_freq="epoch").', stacklevel=2)
-                pending = None
-            elif num_shadow != len(self._targets):
-                raise ValueError(
-                    f"The EMA state in {self._backup_folder!r} holds "
-                    f"{num_shadow} averaged weights but this model has "
-                    f"{len(self._targets)}.")
-        if pending is None:
-            if epoch > 0:
-                warnings.warn(
-                    f"EMA: training starts at epoch {epoch} (resumed?) but no "
-                    "saved EMA state was found; the average restarts from "
-                    "the current weights. Use kreg.callbacks."
-                    "BackupAndRestore (or pass `backup_dir=`) to resume it.",
-                    stacklevel=2)
+        saved = self._checkpoint_state
+        if saved is None and self._backup_folder is not None:
+            saved = state_files.resume_state(self._backup_folder,
+                                             _STATE_NAME, epoch)
+        elif saved is None and epoch > 0:
+            warnings.warn(
+                f"EMA: training starts at epoch {epoch} (resumed?) but no "
+                "saved EMA state was found; the average restarts from the "
+                "current weights. Use kreg.callbacks.BackupAndRestore (or "
+                "pass `backup_dir=`) to resume it.", stacklevel=2)
+        if saved is None:
             return
+        numbers, arrays = saved
+        num_shadow = numbers.get("num_shadow", len(arrays))
+        if num_shadow != len(self._targets):
+            raise ValueError(
+                f"The saved EMA state holds {num_shadow} averaged weights but "
+                f"this model has {len(self._targets)}.")
         for target, value in zip(self._targets, arrays[num_shadow:]):
             target.assign(value)
         self.set_state({"steps": numbers["steps"],

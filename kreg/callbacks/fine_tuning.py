@@ -107,20 +107,20 @@ class FineTuning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._backup_folder = registry.backup_folder(self, None)
-        self._pending = None
-        if self._backup_folder is not None:
-            self._pending = state_files.load_state(self._backup_folder,
-                                                   _STATE_NAME)
+        self._resumed = self._backup_folder is None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._set_stage(self.unfrozen_blocks(epoch), rebuild=True)
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0].get("epoch") == epoch:
-            # A resumed fit: the base's optimizer state of the interrupted
-            # one (the model's own optimizer is in Keras's backup).
-            for variable, value in zip(self._base_optimizer().variables,
-                                       pending[1]):
-                variable.assign(value)
+        if not self._resumed:
+            # The base's optimizer state of an interrupted fit (the model's
+            # own optimizer is in Keras's backup).
+            self._resumed = True
+            saved = state_files.resume_state(self._backup_folder,
+                                             _STATE_NAME, epoch)
+            if saved is not None:
+                for variable, value in zip(
+                        self._base_optimizer().variables, saved[1]):
+                    variable.assign(value)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._backup_folder is not None:
