@@ -85,27 +85,27 @@ def _tf_strategy_task():
 
 def worker_task():
     """``(task type, index)`` of this process in a multi-worker run, or
-    None when there is one process.
+    None on the chief (and when there is one process).
 
     - TensorFlow: the cluster resolver of the `tf.distribute` strategy in
       scope, else ``TF_CONFIG`` (what `MultiWorkerMirroredStrategy` reads).
-    - JAX: ``("worker", jax.process_index())`` when
-      ``jax.process_count() > 1`` (after `jax.distributed.initialize`).
-    - PyTorch: ``("worker", rank)`` in an initialized `torch.distributed`
-      process group of more than one process.
+    - JAX: ``("worker", jax.process_index())`` for a process other than 0
+      (after `jax.distributed.initialize`).
+    - PyTorch: ``("worker", rank)`` for a rank other than 0 of an
+      initialized `torch.distributed` process group.
     """
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 and jax.process_index() > 0:
             return "worker", jax.process_index()
         return None
     if backend == "torch":
         import torch.distributed as dist
 
-        if (dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if dist.is_available() and dist.is_initialized() and (
+                dist.get_rank() > 0):
             return "worker", dist.get_rank()
         return None
     task = None
