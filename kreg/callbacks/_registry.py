@@ -67,4 +67,4 @@ def backup_folder(callback, own):
     if own is not None:
         return own
     backup = lookup(callback, "backup_and_restore")
-    return None if backup is None else backup.backup_dir
+    return None if backup is None else backup.shared_backup_dir

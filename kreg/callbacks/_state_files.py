@@ -15,6 +15,12 @@ is ``<name>.json``; it names the arrays file it belongs to.
 Damaged files are a `ValueError` naming the file and what deleting it
 means; missing ones a warning (`resume_state`, `load_state`). Why:
 ``docs/callbacks.md``.
+
+Under a multi-worker distribution every worker runs the same writes, but
+only the chief's reach the folder it is given: the writing functions here
+(`save_state`, `save_json`, `delete_state`, `write_folder`) write
+`kreg.utils.distribute.worker_path(folder)`, a temporary folder on the
+other workers. Reading takes the folder as it is (the chief's files).
 """
 
 import json
@@ -25,6 +31,8 @@ import warnings
 import zipfile
 
 import numpy as np
+
+from kreg.utils.distribute import worker_path
 
 _NUMBERS_KEY = "__kreg_state__"  # the numbers, inside the .npz
 _FORMAT = "kreg-state-1"  # in every .json written here
@@ -176,6 +184,7 @@ def save_state(folder, name, numbers, arrays, keep_previous=False):
     """Writes the state `name` (JSON-serializable `numbers`, a list of
     arrays) to ``name.npz`` in `folder` in one step; with `keep_previous`,
     the state it replaces stays as ``name.previous.npz``."""
+    folder = worker_path(folder)
     token = uuid.uuid4().hex
     header = {"numbers": numbers, "num_arrays": len(arrays), "token": token}
     members = {f"a{i:05d}": np.asarray(a) for i, a in enumerate(arrays)}
@@ -201,6 +210,7 @@ def save_json(folder, name, numbers):
     """Writes `numbers` as ``name.json`` in `folder` (in one step). With a
     state ``name.npz`` there, it is an update of that state's numbers:
     `load_state` returns these numbers with its arrays."""
+    folder = worker_path(folder)
     arrays_token = None
     path = state_path(folder, name)
     if os.path.exists(path):
@@ -375,6 +385,7 @@ def resume_state(folder, name, epoch, use_older=None):
 def delete_state(folder, name):
     """Deletes every file of the state `name` in `folder` (generations,
     numbers update, leftovers of an interrupted write)."""
+    folder = worker_path(folder)
     paths = [state_path(folder, name), _previous_path(folder, name),
              _json_path(folder, name)]
     if os.path.isdir(folder):
@@ -401,6 +412,7 @@ def read_folder(folder):
 
 def write_folder(folder, files):
     """Writes back the files of `read_folder`, each in one step."""
+    folder = worker_path(folder)
     for relative, content in files.items():
         _write_atomically(os.path.join(folder, relative),
                           lambda f, content=content: f.write(content))

@@ -1,11 +1,13 @@
 """BackupAndRestore: Keras's, plus the state of kreg's callbacks."""
 
 import os
+import shutil
 
 import keras
 
 from kreg.callbacks import _registry as registry
 from kreg import _keras_private as keras_private
+from kreg.utils.distribute import worker_path
 from kreg.utils.validation import check_bool, check_integer
 
 
@@ -36,6 +38,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     their state is written before Keras's backup of the epoch, and a fit
     killed between the two resumes exactly (``docs/callbacks.md``).
 
+    Under a multi-worker distribution only the chief writes to `backup_dir`
+    (`kreg.utils.distribute.is_chief`); every other worker writes to a
+    temporary folder of its own (its `backup_dir` attribute), and a resumed
+    `fit` starts from the chief's backup on every worker.
+
     Example:
 
     >>> callbacks = [kreg.callbacks.EarlyStopping(patience=5),
@@ -47,13 +54,17 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=False,
                  delete_checkpoint=True):
+        backup_dir = check_path("backup_dir", backup_dir)
         super().__init__(
-            check_path("backup_dir", backup_dir),
+            worker_path(backup_dir),
             save_freq=check_save_freq(save_freq),
             double_checkpoint=check_bool("double_checkpoint",
                                          double_checkpoint),
             delete_checkpoint=check_bool("delete_checkpoint",
                                          delete_checkpoint))
+        # The folder the chief writes (kreg's callbacks read their state
+        # there); `backup_dir` is where this worker writes.
+        self.shared_backup_dir = backup_dir
 
     def set_params(self, params):
         # Keras's CallbackList gives every callback its params after
@@ -62,9 +73,26 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().set_params(params)
         registry.register(self, "backup_and_restore")
 
+    def on_train_begin(self, logs=None):
+        if self.backup_dir != self.shared_backup_dir:
+            # Another worker than the chief resumes from the chief's files.
+            copy_files(self.shared_backup_dir, self.backup_dir)
+        super().on_train_begin(logs)
+
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         keras_private.forget_resumed_epoch(self.model)
+
+
+def copy_files(source, target):
+    """Copies the files directly in the folder `source` (if any) to the
+    folder `target`."""
+    if not os.path.isdir(source):
+        return
+    os.makedirs(target, exist_ok=True)
+    for entry in os.scandir(source):
+        if entry.is_file():
+            shutil.copyfile(entry.path, os.path.join(target, entry.name))
 
 
 

@@ -7,6 +7,7 @@ import keras
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.callbacks.backup_and_restore import check_path, check_save_freq
+from kreg.utils.distribute import worker_path
 from kreg.utils.validation import check_bool, check_integer, check_number
 from kreg.utils.validation import check_one_of
 
@@ -26,7 +27,10 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     Arguments are Keras's (`filepath`, `monitor`, `save_best_only`,
     `save_weights_only`, `save_freq`, ...); `save_freq` is ``"epoch"`` or a
     positive number of batches. Without kreg's callbacks in the `fit` it
-    behaves exactly as Keras's.
+    behaves exactly as Keras's. Under a multi-worker distribution only the
+    chief writes `filepath` (`kreg.utils.distribute.is_chief`); every other
+    worker writes the same path under a temporary folder of its own (its
+    `filepath` attribute).
 
     Example:
 
@@ -53,7 +57,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             initial_value_threshold = check_number(
                 "initial_value_threshold", initial_value_threshold)
         super().__init__(
-            check_path("filepath", filepath), monitor=monitor,
+            worker_path(check_path("filepath", filepath)), monitor=monitor,
             verbose=check_integer("verbose", verbose, low=0),
             save_best_only=check_bool("save_best_only", save_best_only),
             save_weights_only=check_bool("save_weights_only",

@@ -20,6 +20,7 @@ from kreg.callbacks._retrain_phase2 import (_INFINITE, _Phase2Logs,
                                             _random_state_kept, _rows,
                                             _set_rows, _up_to)
 from kreg.callbacks.backup_and_restore import BackupAndRestore
+from kreg.utils.distribute import worker_path
 from kreg.utils.validation import (check_bool, check_integer, check_one_of,
                                    check_optional_path)
 
@@ -495,18 +496,20 @@ class RetrainOnFullData(keras.callbacks.Callback):
         backup = None
         created = False
         if self._folder is not None:
-            created = not os.path.isdir(self._folder)
+            # This worker's copy of the folder (the folder on the chief).
+            written = worker_path(self._folder)
+            created = not os.path.isdir(written)
             self._save_state(self._folder, phase=2, arrays=True)
             backup = os.path.join(self._folder, _PHASE2_FOLDER)
             if resuming:
                 state_files.write_folder(backup, self._phase2_files)
             else:
                 for name in _KERAS_BACKUP_FILES:
-                    path = os.path.join(self._folder, name)
+                    path = os.path.join(written, name)
                     if os.path.exists(path):
                         os.remove(path)
                 for base in _PHASE1_STATES:
-                    for name in state_files.state_names(self._folder, base):
+                    for name in state_files.state_names(written, base):
                         state_files.delete_state(self._folder, name)
         self._set_values(self._start_values)
         start = self._phase2_start or {"epoch": 0, "rows": []}
@@ -543,9 +546,9 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self.retrain_history = _set_rows(keras.callbacks.History(), rows)
         if self._folder is not None:
             state_files.delete_state(self._folder, _STATE_NAME)
-            shutil.rmtree(backup, ignore_errors=True)
-            if created and not os.listdir(self._folder):
-                os.rmdir(self._folder)
+            shutil.rmtree(worker_path(backup), ignore_errors=True)
+            if created and not os.listdir(written):
+                os.rmdir(written)
         return rows
 
     def _values(self):
