@@ -125,7 +125,8 @@ class EMACheckpointTest(TestCase):
         model = self.model()
         resumed = EMA(decay=0.8, backup_dir=backup)
         with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="EMA:")
+            warnings.filterwarnings(
+                "error", message=r"(kreg\.callbacks\.)?EMA:")
             history = self.fit(model, [resumed,
                                        keras.callbacks.BackupAndRestore(backup)])
         self.assert_resumed_at_epoch_2(model, resumed, history, expected)
