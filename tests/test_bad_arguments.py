@@ -99,6 +99,8 @@ CALLS = {
         reference=np.zeros((3, 4), "float32")),
     "regularizers.apply_weight_decay": call(
         kreg.regularizers.apply_weight_decay, model=DENSE, regularizer=0.1),
+    "regularizers.anchor_weights": call(
+        kreg.regularizers.anchor_weights, model=DENSE, strength=0.1),
     "regularizers.tie_weights": call(kreg.regularizers.tie_weights,
                                      model_a=DENSE, model_b=DENSE,
                                      strength=0.1),
@@ -371,6 +373,11 @@ ROWS = (
            {"reference": np.array([1.0, NAN])}, ValueError,
            ("reference", "non-finite"))]
     + _pattern_rows()
+    + rows_of("regularizers.anchor_weights", numbers("strength", -1),
+              bools("overwrite"), [({"model": "m"}, TypeError),
+                                   ({"include": 3}, TypeError),
+                                   ({"exclude": [None]}, TypeError),
+                                   ({"include": "typo*"}, ValueError)])
     + rows_of("regularizers.tie_weights", numbers("strength", -1),
               bools("kernels_only"))
     + [Row("regularizers.tie_weights", {"model_a": "m"}, TypeError),
