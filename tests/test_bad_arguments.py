@@ -407,7 +407,14 @@ ROWS = (
                ({"optimizer": None}, TypeError),
                ({"optimizer": "adam", "clipnorm": np.int64(1)}, None)])
     + [Row("optimizers.ClippedOptimizer", {"learning_rate": 0.1},
-           ValueError, ("learning_rate",))]
+           ValueError, ("learning_rate",)),
+       Row("optimizers.ClippedOptimizer",
+           {"optimizer": Fresh(lambda: keras.optimizers.Adam(clipnorm=1.0),
+                               "<Adam(clipnorm=1)>"), "clipnorm": 1.0},
+           ValueError, ("`optimizer.clipnorm`", "clipnorm=1.0")),
+       Row("optimizers.ClippedOptimizer",
+           {"optimizer": Fresh(lambda: keras.optimizers.Adam(clipnorm=1.0),
+                               "<Adam(clipnorm=1)>")}, None)]
     + rows_of("callbacks.EMA", numbers("decay", -0.1, 1.0),
               numbers("warmup_power", 0, -1), bools("warmup"),
               bools("validate_with_averaged"), bools("keep_averaged"),
