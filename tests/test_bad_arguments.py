@@ -91,6 +91,7 @@ CALLS = {
                                stddev=0.1),
     "layers.mc_predict": call(kreg.layers.mc_predict, model=MC, x=X,
                               num_samples=2),
+    "layers.mc_sampling": call(kreg.layers.mc_sampling, model=MC),
     "regularizers.L1": call(kreg.regularizers.L1),
     "regularizers.L1L2": call(kreg.regularizers.L1L2),
     "regularizers.L2": call(kreg.regularizers.L2),
@@ -363,6 +364,17 @@ ROWS = (
     + rows_of("layers.WeightNoise", numbers("stddev", -0.1), seeds(),
               [({"layer": "dense"}, TypeError), ({"layer": None}, TypeError)])
     + _mc_rows("layers.mc_predict")
+    + [Row("layers.mc_predict", {"x": Fresh(lambda: iter([X]), "<batches>"),
+                                 "batch_size": 2}, ValueError,
+           ("batch_size=2",)),
+       Row("layers.mc_predict", {"x": Fresh(lambda: iter([(X, Y)]),
+                                            "<batches>")}, None),
+       Row("layers.mc_predict", {"x": Fresh(lambda: iter([]), "<none>")},
+           ValueError, ("x=", "no batches")),
+       Row("layers.mc_sampling", {"model": "m"}, TypeError),
+       Row("layers.mc_sampling", {"model": DENSE}, ValueError,
+           ("Dropout", "mc=True")),
+       Row("layers.mc_sampling", {"model": MC}, None)]
     + rows_of("regularizers.L1", numbers("l1", -1))
     + rows_of("regularizers.L2", numbers("l2", -1))
     + rows_of("regularizers.L1L2", numbers("l1", -1), numbers("l2", -1))
@@ -470,40 +482,6 @@ ROWS = (
 # that a fix landing in that file does not break the suite; the outcome
 # table (`python tests/test_bad_arguments.py`) shows which still fail.
 _STILL_FAILING = {
-    'kreg/layers/mc_predict.py': [
-        "layers.mc_predict(model='m')",
-        'layers.mc_predict(x=None)',
-        "layers.mc_predict(x='abc')",
-        'layers.mc_predict(num_samples=2.5)',
-        'layers.mc_predict(num_samples=3.0)',
-        'layers.mc_predict(num_samples=inf)',
-        "layers.mc_predict(num_samples='a')",
-        'layers.mc_predict(num_samples=True)',
-        'layers.mc_predict(num_samples=None)',
-        'layers.mc_predict(batch_size=0)',
-        'layers.mc_predict(batch_size=-1)',
-        'layers.mc_predict(batch_size=2.5)',
-        'layers.mc_predict(batch_size=2.0)',
-        'layers.mc_predict(batch_size=inf)',
-        "layers.mc_predict(batch_size='a')",
-        'layers.mc_predict(batch_size=True)',
-        "models.predict_with_uncertainty(model='m')",
-        'models.predict_with_uncertainty(x=None)',
-        "models.predict_with_uncertainty(x='abc')",
-        'models.predict_with_uncertainty(num_samples=2.5)',
-        'models.predict_with_uncertainty(num_samples=3.0)',
-        'models.predict_with_uncertainty(num_samples=inf)',
-        "models.predict_with_uncertainty(num_samples='a')",
-        'models.predict_with_uncertainty(num_samples=True)',
-        'models.predict_with_uncertainty(num_samples=None)',
-        'models.predict_with_uncertainty(batch_size=0)',
-        'models.predict_with_uncertainty(batch_size=-1)',
-        'models.predict_with_uncertainty(batch_size=2.5)',
-        'models.predict_with_uncertainty(batch_size=2.0)',
-        'models.predict_with_uncertainty(batch_size=inf)',
-        "models.predict_with_uncertainty(batch_size='a')",
-        'models.predict_with_uncertainty(batch_size=True)',
-    ],
     'kreg/callbacks/backup_and_restore.py': [
         'callbacks.BackupAndRestore(save_freq=0)',
         'callbacks.BackupAndRestore(save_freq=-1)',

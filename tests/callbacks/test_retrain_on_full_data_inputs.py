@@ -248,8 +248,8 @@ class RetrainInputsTest(RetrainData, TestCase):
                 self.assertEqual(out.getvalue().count("Restoring model"), 1)
 
     def test_the_data_check_leaves_phase_1_alone(self):
-        # The check runs a batch through the test step (a dropout active at
-        # inference draws random numbers there) and takes a batch of the
+        # The check runs a batch through the test step (a dropout sampling
+        # at inference draws random numbers there) and takes a batch of the
         # data (a DataLoader's iterator draws its seed from PyTorch's
         # global generator): phase 1 must run as it would without it.
         import kreg
@@ -273,16 +273,21 @@ class RetrainInputsTest(RetrainData, TestCase):
                 batch_size=16), None))
         for x, y in full:
             with self.subTest(type(x).__name__):
+                # With MC sampling on, the test step draws masks too.
                 keras.utils.set_random_seed(7)
-                alone = model().fit(
-                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
-                    validation_data=(self.xv, self.yv)).history
+                m = model()
+                with kreg.layers.mc_sampling(m):
+                    alone = m.fit(
+                        self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                        validation_data=(self.xv, self.yv)).history
                 keras.utils.set_random_seed(7)
-                both = model().fit(
-                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
-                    validation_data=(self.xv, self.yv), callbacks=[
-                        EarlyStopping(patience=5),
-                        RetrainOnFullData(x, y, batch_size=16)]).history
+                m = model()
+                with kreg.layers.mc_sampling(m):
+                    both = m.fit(
+                        self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                        validation_data=(self.xv, self.yv), callbacks=[
+                            EarlyStopping(patience=5),
+                            RetrainOnFullData(x, y, batch_size=16)]).history
                 for key in ("loss", "val_loss"):
                     self.assertAllClose(both[key][:3], alone[key],
                                         rtol=1e-6)
