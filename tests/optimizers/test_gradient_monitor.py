@@ -1,5 +1,6 @@
 """Tests of the gradient-health logs (kreg.callbacks.GradientMonitor)."""
 
+import os
 import warnings
 
 import keras
@@ -99,9 +100,16 @@ class GradientMonitorTest(TestCase):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self._fit(model, ClippedOptimizer(keras.optimizers.SGD(0.0)),
-                      x, y, monitor, epochs=1)
-        messages = [str(w.message) for w in caught
-                    if "GradientMonitor" in str(w.message)]
+                      x, y, monitor, epochs=3)
+        ours = [w for w in caught if "GradientMonitor" in str(w.message)]
+        messages = [str(w.message) for w in ours]
+        # One line each, attributed to the code that called fit (here the
+        # `_fit` helper of this file), with Keras's 1-based epoch and step.
+        for w in ours:
+            self.assertNotIn("\n", str(w.message))
+            self.assertEqual(os.path.abspath(w.filename),
+                             os.path.abspath(__file__))
+            self.assertIn("in epoch 1, step 1", str(w.message))
         # The zero head passes no gradient back: earlier layers vanish.
         self.assertTrue(any("vanishing gradients in layer 'sequential/big_inputs'" in m
                             for m in messages), messages)
@@ -110,8 +118,18 @@ class GradientMonitorTest(TestCase):
         # The head's own gradient sees inputs of size ~1e4: it explodes.
         self.assertTrue(any("exploding gradients in layer 'sequential/head'" in m
                             for m in messages), messages)
-        # Once per layer and kind per epoch, although sampled every batch.
+        # One warning per layer and kind per fit, although sampled every
+        # batch of 3 epochs; `flagged` keeps one entry per epoch.
         self.assertEqual(len(messages), 3)
+        self.assertEqual(len(monitor.flagged), 9)
+        self.assertEqual(sorted({f[0] for f in monitor.flagged}), [0, 1, 2])
+        # A second fit warns again.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[monitor])
+        self.assertEqual(len([w for w in caught
+                              if "GradientMonitor" in str(w.message)]), 3)
         self.assertEqual(
             set(monitor.layer_norms),
             {"sequential/big_inputs", "sequential/middle", "sequential/head"},
