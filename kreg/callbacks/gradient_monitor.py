@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 
+from kreg import _keras_private
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
 from kreg.optimizers.optimizer_wrapper import install
 from kreg.utils.validation import check_bool, check_integer
@@ -58,8 +59,11 @@ class GradientMonitor(keras.callbacks.Callback):
     the start of every next batch: the in-graph check cannot raise there
     with `jit_compile=True`; elsewhere the optimizer raises itself).
 
-    Put it before `TensorBoard` in the callback list so that TensorBoard
-    sees the added logs (History always runs last).
+    List it before `TensorBoard` in `callbacks`: Keras hands one epoch-end
+    logs dict to the callbacks in list order, so a TensorBoard listed
+    earlier writes the epoch before `grad_norm` is added (History always
+    runs last and has it). In that order the callback warns when `fit`
+    begins.
 
     Args:
         frequency: positive int, the number of batches between two
@@ -143,6 +147,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._clipped = self._optimizer(self.model)
         self._warned = set()
+        self._check_order(_keras_private.calling_callback_list())
         self._layers = None
         self._batches_seen = 0
         # XLA drops TensorFlow's in-graph assertion: check every batch.
@@ -191,6 +196,28 @@ class GradientMonitor(keras.callbacks.Callback):
             logs["skipped_steps"] = skipped
 
     # Helpers ----------------------------------------------------------------
+    def _check_order(self, callback_list):
+        """Warns when a TensorBoard precedes this callback: Keras passes the
+        epoch-end logs to the callbacks in list order, so TensorBoard has
+        written them before `grad_norm` is added."""
+        if callback_list is None:
+            return
+        callbacks = list(getattr(callback_list, "callbacks", ()))
+        if not any(c is self for c in callbacks):
+            return
+        before = callbacks[:next(i for i, c in enumerate(callbacks)
+                                 if c is self)]
+        if any(isinstance(c, keras.callbacks.TensorBoard) for c in before):
+            keys = "grad_norm" + (
+                ", clipped_steps, skipped_steps"
+                if self._clipped.on_non_finite != "apply" else "")
+            warn_user(
+                "GradientMonitor is listed after TensorBoard in `callbacks`: "
+                f"TensorBoard will not show {keys} (Keras gives the epoch's "
+                "logs to the callbacks in list order). List GradientMonitor "
+                "before TensorBoard."
+            )
+
     def _check_skipped(self, counters):
         if self._raises and counters[2] > self._start[2]:
             raise FloatingPointError(
