@@ -24,10 +24,40 @@ the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
    ``EarlyStopping(mode="auto")`` and ``ModelCheckpoint`` that lower is
    better (Keras's own metrics set it in their ``__init__``); without it
    ``mode="auto"`` on ``val_ece`` raises.
+5. The `keras.callbacks.CallbackList` that calls a callback's hook
+   (`calling_callback_list`, below), found as ``self`` of a calling frame:
+   Keras tells a callback nothing about the others in its ``fit``.
+   ``GradientMonitor.on_train_begin`` uses it (read only) to warn when a
+   ``TensorBoard`` precedes it, since Keras hands one epoch-end logs dict
+   to the callbacks in list order. Where the frame is not found, nothing
+   is checked. Checked on Keras 3.15.1 (CallbackList.on_train_begin
+   calls each callback's on_train_begin itself).
 """
+
+import inspect
+
+import keras
 
 
 def forget_resumed_epoch(model):
     """Clears the epoch a resumed ``fit`` started from (see 1. above)."""
     if getattr(model, "_initial_epoch", None) is not None:
         model._initial_epoch = None
+
+
+def calling_callback_list(max_depth=8):
+    """The `keras.callbacks.CallbackList` whose method called the caller
+    (a callback hook), or None (see 5. above)."""
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back.f_back if frame is not None else None
+        for _ in range(max_depth):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame

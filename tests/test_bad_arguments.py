@@ -91,6 +91,7 @@ CALLS = {
                                stddev=0.1),
     "layers.mc_predict": call(kreg.layers.mc_predict, model=MC, x=X,
                               num_samples=2),
+    "layers.mc_sampling": call(kreg.layers.mc_sampling, model=MC),
     "regularizers.L1": call(kreg.regularizers.L1),
     "regularizers.L1L2": call(kreg.regularizers.L1L2),
     "regularizers.L2": call(kreg.regularizers.L2),
@@ -99,6 +100,8 @@ CALLS = {
         reference=np.zeros((3, 4), "float32")),
     "regularizers.apply_weight_decay": call(
         kreg.regularizers.apply_weight_decay, model=DENSE, regularizer=0.1),
+    "regularizers.anchor_weights": call(
+        kreg.regularizers.anchor_weights, model=DENSE, strength=0.1),
     "regularizers.tie_weights": call(kreg.regularizers.tie_weights,
                                      model_a=DENSE, model_b=DENSE,
                                      strength=0.1),
@@ -361,6 +364,17 @@ ROWS = (
     + rows_of("layers.WeightNoise", numbers("stddev", -0.1), seeds(),
               [({"layer": "dense"}, TypeError), ({"layer": None}, TypeError)])
     + _mc_rows("layers.mc_predict")
+    + [Row("layers.mc_predict", {"x": Fresh(lambda: iter([X]), "<batches>"),
+                                 "batch_size": 2}, ValueError,
+           ("batch_size=2",)),
+       Row("layers.mc_predict", {"x": Fresh(lambda: iter([(X, Y)]),
+                                            "<batches>")}, None),
+       Row("layers.mc_predict", {"x": Fresh(lambda: iter([]), "<none>")},
+           ValueError, ("x=", "no batches")),
+       Row("layers.mc_sampling", {"model": "m"}, TypeError),
+       Row("layers.mc_sampling", {"model": DENSE}, ValueError,
+           ("Dropout", "mc=True")),
+       Row("layers.mc_sampling", {"model": MC}, None)]
     + rows_of("regularizers.L1", numbers("l1", -1))
     + rows_of("regularizers.L2", numbers("l2", -1))
     + rows_of("regularizers.L1L2", numbers("l1", -1), numbers("l2", -1))
@@ -371,6 +385,11 @@ ROWS = (
            {"reference": np.array([1.0, NAN])}, ValueError,
            ("reference", "non-finite"))]
     + _pattern_rows()
+    + rows_of("regularizers.anchor_weights", numbers("strength", -1),
+              bools("overwrite"), [({"model": "m"}, TypeError),
+                                   ({"include": 3}, TypeError),
+                                   ({"exclude": [None]}, TypeError),
+                                   ({"include": "typo*"}, ValueError)])
     + rows_of("regularizers.tie_weights", numbers("strength", -1),
               bools("kernels_only"))
     + [Row("regularizers.tie_weights", {"model_a": "m"}, TypeError),
@@ -400,7 +419,14 @@ ROWS = (
                ({"optimizer": None}, TypeError),
                ({"optimizer": "adam", "clipnorm": np.int64(1)}, None)])
     + [Row("optimizers.ClippedOptimizer", {"learning_rate": 0.1},
-           ValueError, ("learning_rate",))]
+           ValueError, ("learning_rate",)),
+       Row("optimizers.ClippedOptimizer",
+           {"optimizer": Fresh(lambda: keras.optimizers.Adam(clipnorm=1.0),
+                               "<Adam(clipnorm=1)>"), "clipnorm": 1.0},
+           ValueError, ("`optimizer.clipnorm`", "clipnorm=1.0")),
+       Row("optimizers.ClippedOptimizer",
+           {"optimizer": Fresh(lambda: keras.optimizers.Adam(clipnorm=1.0),
+                               "<Adam(clipnorm=1)>")}, None)]
     + rows_of("callbacks.EMA", numbers("decay", -0.1, 1.0),
               numbers("warmup_power", 0, -1), bools("warmup"),
               bools("validate_with_averaged"), bools("keep_averaged"),
@@ -456,40 +482,6 @@ ROWS = (
 # that a fix landing in that file does not break the suite; the outcome
 # table (`python tests/test_bad_arguments.py`) shows which still fail.
 _STILL_FAILING = {
-    'kreg/layers/mc_predict.py': [
-        "layers.mc_predict(model='m')",
-        'layers.mc_predict(x=None)',
-        "layers.mc_predict(x='abc')",
-        'layers.mc_predict(num_samples=2.5)',
-        'layers.mc_predict(num_samples=3.0)',
-        'layers.mc_predict(num_samples=inf)',
-        "layers.mc_predict(num_samples='a')",
-        'layers.mc_predict(num_samples=True)',
-        'layers.mc_predict(num_samples=None)',
-        'layers.mc_predict(batch_size=0)',
-        'layers.mc_predict(batch_size=-1)',
-        'layers.mc_predict(batch_size=2.5)',
-        'layers.mc_predict(batch_size=2.0)',
-        'layers.mc_predict(batch_size=inf)',
-        "layers.mc_predict(batch_size='a')",
-        'layers.mc_predict(batch_size=True)',
-        "models.predict_with_uncertainty(model='m')",
-        'models.predict_with_uncertainty(x=None)',
-        "models.predict_with_uncertainty(x='abc')",
-        'models.predict_with_uncertainty(num_samples=2.5)',
-        'models.predict_with_uncertainty(num_samples=3.0)',
-        'models.predict_with_uncertainty(num_samples=inf)',
-        "models.predict_with_uncertainty(num_samples='a')",
-        'models.predict_with_uncertainty(num_samples=True)',
-        'models.predict_with_uncertainty(num_samples=None)',
-        'models.predict_with_uncertainty(batch_size=0)',
-        'models.predict_with_uncertainty(batch_size=-1)',
-        'models.predict_with_uncertainty(batch_size=2.5)',
-        'models.predict_with_uncertainty(batch_size=2.0)',
-        'models.predict_with_uncertainty(batch_size=inf)',
-        "models.predict_with_uncertainty(batch_size='a')",
-        'models.predict_with_uncertainty(batch_size=True)',
-    ],
     'kreg/callbacks/backup_and_restore.py': [
         'callbacks.BackupAndRestore(save_freq=0)',
         'callbacks.BackupAndRestore(save_freq=-1)',

@@ -1,15 +1,16 @@
 """GradientMonitor: gradient health in the fit logs, with any optimizer."""
 
 import math
-import warnings
 
 import keras
 import numpy as np
 
+from kreg import _keras_private
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
 from kreg.optimizers.optimizer_wrapper import install
 from kreg.utils.validation import check_bool, check_integer
 from kreg.utils.validation import check_number
+from kreg.utils.warn import warn_user
 
 
 def _value(variable):
@@ -42,18 +43,27 @@ class GradientMonitor(keras.callbacks.Callback):
     `||g_layer|| = sqrt(sum over the layer's variables of ||g_v||^2)` and
     warns, naming the layer, when it is below `vanishing_threshold` (the
     vanishing-gradient problem), above `exploding_threshold` (exploding
-    gradients) or non-finite; each layer is flagged once per epoch and kind.
-    The last per-layer norms are in `layer_norms`, all sampled ones in
-    `history` (a list of `(epoch, batch, {layer: norm})`, batch `None` at
-    the end of an epoch).
+    gradients) or non-finite. The warning is one line, issued once per
+    layer and kind in a `fit` (the first time; epochs and steps counted
+    from 1, as Keras's progress bar shows them) and attributed to the line
+    of your code that called `fit`, so Python's warning filters apply to
+    it; every flag is recorded in `flagged`, a list of
+    `(epoch, batch, layer, kind, norm)` (once per layer and kind per
+    epoch). The last per-layer norms are in `layer_norms`, all sampled ones
+    in `history` (a list of `(epoch, batch, {layer: norm})`, batch `None`
+    at the end of an epoch). In `flagged` and `history`, `epoch` and
+    `batch` are Keras's callback indices (from 0).
 
     With `ClippedOptimizer(on_non_finite="raise")` this callback raises a
     `FloatingPointError` once a step was skipped (on TensorFlow checked at
     the start of every next batch: the in-graph check cannot raise there
     with `jit_compile=True`; elsewhere the optimizer raises itself).
 
-    Put it before `TensorBoard` in the callback list so that TensorBoard
-    sees the added logs (History always runs last).
+    List it before `TensorBoard` in `callbacks`: Keras hands one epoch-end
+    logs dict to the callbacks in list order, so a TensorBoard listed
+    earlier writes the epoch before `grad_norm` is added (History always
+    runs last and has it). In that order the callback warns when `fit`
+    begins.
 
     Args:
         frequency: positive int, the number of batches between two
@@ -136,6 +146,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # Callback hooks ---------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._clipped = self._optimizer(self.model)
+        self._warned = set()
+        self._check_order(_keras_private.calling_callback_list())
         self._layers = None
         self._batches_seen = 0
         # XLA drops TensorFlow's in-graph assertion: check every batch.
@@ -184,12 +196,34 @@ class GradientMonitor(keras.callbacks.Callback):
             logs["skipped_steps"] = skipped
 
     # Helpers ----------------------------------------------------------------
+    def _check_order(self, callback_list):
+        """Warns when a TensorBoard precedes this callback: Keras passes the
+        epoch-end logs to the callbacks in list order, so TensorBoard has
+        written them before `grad_norm` is added."""
+        if callback_list is None:
+            return
+        callbacks = list(getattr(callback_list, "callbacks", ()))
+        if not any(c is self for c in callbacks):
+            return
+        before = callbacks[:next(i for i, c in enumerate(callbacks)
+                                 if c is self)]
+        if any(isinstance(c, keras.callbacks.TensorBoard) for c in before):
+            keys = "grad_norm" + (
+                ", clipped_steps, skipped_steps"
+                if self._clipped.on_non_finite != "apply" else "")
+            warn_user(
+                "GradientMonitor is listed after TensorBoard in `callbacks`: "
+                f"TensorBoard will not show {keys} (Keras gives the epoch's "
+                "logs to the callbacks in list order). List GradientMonitor "
+                "before TensorBoard."
+            )
+
     def _check_skipped(self, counters):
         if self._raises and counters[2] > self._start[2]:
             raise FloatingPointError(
                 "GradientMonitor: ClippedOptimizer(on_non_finite='raise') "
                 "met a non-finite gradient (NaN or Inf) in epoch "
-                f"{self._epoch}; the step was not applied."
+                f"{self._epoch + 1}; the step was not applied."
             )
 
     def _layer_index(self):
@@ -238,13 +272,15 @@ class GradientMonitor(keras.callbacks.Callback):
                 continue
             self._flagged_this_epoch.add(key)
             self.flagged.append((self._epoch, batch, layer, kind, norm))
-            if self.warn:
+            if self.warn and key not in self._warned:
+                self._warned.add(key)
+                # 1-based, as Keras's progress bar shows epochs and steps.
                 when = (
-                    f"at the end of epoch {self._epoch}" if batch is None
-                    else f"at epoch {self._epoch}, batch {batch}"
+                    f"at the end of epoch {self._epoch + 1}" if batch is None
+                    else f"in epoch {self._epoch + 1}, step {batch + 1}"
                 )
-                warnings.warn(
+                warn_user(
                     f"GradientMonitor: {kind} gradients in layer '{layer}' "
-                    f"({detail}) {when}.",
-                    stacklevel=2,
+                    f"({detail}) {when}; once per fit (all flags in "
+                    "`flagged`)."
                 )

@@ -186,7 +186,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
         callbacks: callbacks for phase 2. Defaults to `None`.
         backup_dir: folder of the state that resumes an interrupted ``fit``.
             Defaults to `None` (a kreg `BackupAndRestore`'s folder, if any).
-        shuffle: whether phase 2 shuffles array data. Defaults to `True`.
+        shuffle: whether phase 2 shuffles array data (and the batch order
+            of a `keras.utils.PyDataset` of known length, as ``fit`` does);
+            a `tf.data.Dataset`, `DataLoader` or generator is used as it
+            comes. Defaults to `True`.
         resume_from: a `kreg.callbacks.ModelCheckpoint` file to resume
             from. Defaults to `None`.
         steps_per_epoch: batches per phase-2 epoch (needed for an endless
@@ -573,7 +576,13 @@ class RetrainOnFullData(keras.callbacks.Callback):
                       steps_per_epoch=self.steps_per_epoch,
                       class_weight=self.class_weight)
         if _is_dataset(self.x):
-            return self.model.fit(self.x, **kwargs)
+            # Batches come shuffled or not as the data set makes them; Keras
+            # warns about a `shuffle=True` it ignores (its default). A
+            # PyDataset of known length is shuffled by batch, as in `fit`.
+            shuffle = (self.shuffle and isinstance(x := self.x,
+                                                   keras.utils.PyDataset)
+                       and getattr(x, "num_batches", None) is not None)
+            return self.model.fit(self.x, shuffle=shuffle, **kwargs)
         if self.batch_size is None:
             # Keras does not tell callbacks the batch size of `fit`.
             warnings.warn(

@@ -8,6 +8,7 @@ from kreg.layers.batch_normalization import BatchNormalization
 from kreg.layers.dropout import Dropout
 from kreg.layers.gaussian_noise import GaussianNoise
 from kreg.layers.mc_predict import mc_predict
+from kreg.layers.mc_predict import mc_sampling
 from kreg.layers.weight_noise import WeightNoise
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "GaussianNoise",
     "WeightNoise",
     "mc_predict",
+    "mc_sampling",
 ]

@@ -19,11 +19,15 @@ class Dropout(keras.layers.Layer):
 
         y = x * mask / (1 - rate),    mask ~ Bernoulli(1 - rate)
 
-    Outside training the layer returns its input unchanged, unless
-    ``mc=True``: Monte-Carlo dropout keeps the masks active at inference too,
-    so repeated predictions sample an ensemble of sub-networks; see
-    `kreg.layers.mc_predict`. The lecture's typical rates: 0.2 on inputs, 0.5
-    on hidden units.
+    Outside training the layer returns its input unchanged. With
+    ``mc=True`` the layer takes part in Monte-Carlo dropout: it keeps its
+    masks active at inference during the passes of `kreg.layers.mc_predict`
+    and `kreg.models.predict_with_uncertainty` (and inside
+    ``with kreg.layers.mc_sampling(model):``), so repeated predictions
+    sample an ensemble of sub-networks. Ordinary ``predict``, ``evaluate``
+    and the validation inside ``fit`` stay deterministic. Changing
+    ``layer.mc`` takes effect at the next such call. The lecture's typical
+    rates: 0.2 on inputs, 0.5 on hidden units.
 
     A drop-in for `keras.layers.Dropout` (same arguments and defaults), plus
     ``mc``. Unlike Keras, ``rate=1`` is refused: it would drop everything and
@@ -38,8 +42,9 @@ class Dropout(keras.layers.Layer):
             the input's size. Defaults to ``None`` (the input's shape).
         seed: optional non-negative int for reproducible masks. Defaults to
             ``None``.
-        mc: keep dropout active at inference (Monte-Carlo dropout). Defaults
-            to ``False``.
+        mc: sample masks at inference in Monte-Carlo dropout passes
+            (`mc_predict`, `mc_sampling`); ordinary inference stays the
+            identity. Defaults to ``False``.
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -61,12 +66,16 @@ class Dropout(keras.layers.Layer):
         self.seed = check_optional_seed("seed", seed)
         self.mc = check_bool("mc", mc)
         self.seed_generator = _ReplicaSeedGenerator(self.seed)
+        # Switched on by `mc_sampling` for the Monte-Carlo passes only; read
+        # when the predict/test step is traced (mc_sampling rebuilds them).
+        self._mc_sampling = False
         self.supports_masking = True
         if _builds_at_init(self):
             self.built = True
 
     def call(self, inputs, training=False):
-        if (training or self.mc) and self.rate > 0:
+        sampling = self.mc and self._mc_sampling
+        if (training or sampling) and self.rate > 0:
             return keras.random.dropout(
                 inputs,
                 self.rate,

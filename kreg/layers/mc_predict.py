@@ -1,5 +1,6 @@
 """Monte-Carlo dropout prediction: the mean and spread of T stochastic passes."""
 
+import contextlib
 import numbers
 
 import keras
@@ -9,22 +10,104 @@ from kreg.layers.dropout import Dropout
 from kreg.utils.layers import walk_layers
 
 
+def mc_sampling(model):
+    """Turns Monte-Carlo dropout on for the duration of a ``with`` block.
+
+    Inside the block, every `kreg.layers.Dropout` with ``mc=True`` in
+    ``model`` samples its masks at inference too (``predict``,
+    ``predict_on_batch``, ``evaluate``, ``model(x)``); everything else
+    (batch normalization, other dropout layers) stays in inference mode.
+    The model's cached predict and test functions are set aside on entry
+    (so they are traced again with the sampling on) and put back on exit,
+    so ordinary inference after the block is deterministic again, without
+    a new trace. `mc_predict` uses it for its passes.
+
+    Args:
+        model: a built `keras.Model` (or layer) with at least one
+            ``kreg.layers.Dropout(rate > 0, mc=True)``.
+
+    Returns:
+        A context manager (the model is checked at this call).
+
+    Example:
+
+    ```python
+    with kreg.layers.mc_sampling(model):
+        passes = [model.predict(x, verbose=0) for _ in range(20)]
+    ```
+    """
+    return _sampling(model, _mc_layers(model))
+
+
+@contextlib.contextmanager
+def _sampling(model, layers):
+    is_model = isinstance(model, keras.Model)
+    if is_model:
+        saved = (model.predict_function, model.test_function)
+        # Traced again, with the sampling on, at their next use.
+        model.predict_function = None
+        model.test_function = None
+    previous = [layer._mc_sampling for layer in layers]
+    try:
+        for layer in layers:
+            layer._mc_sampling = True
+        yield model
+    finally:
+        for layer, value in zip(layers, previous):
+            layer._mc_sampling = value
+        if is_model:
+            model.predict_function, model.test_function = saved
+
+
+def _check_model(model):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "Invalid value received for argument `model`. Expected a "
+            f"keras.Model. Received: model={model!r}"
+        )
+
+
+def _mc_layers(model):
+    """The model's `Dropout(rate > 0, mc=True)` layers; raises without
+    one."""
+    _check_model(model)
+    layers = [layer for layer, _ in walk_layers(model)
+              if isinstance(layer, Dropout) and layer.mc and layer.rate > 0]
+    if not layers:
+        raise ValueError(
+            "Invalid value received for argument `model`. Expected a model "
+            "with at least one `kreg.layers.Dropout(rate > 0, mc=True)`: "
+            "without one every Monte-Carlo pass is identical. Received: "
+            f"model={model.name!r}"
+        )
+    return layers
+
+
 def mc_predict(model, x, num_samples=20, batch_size=None):
     """Runs ``num_samples`` stochastic forward passes and summarizes them.
 
     The model must contain at least one `kreg.layers.Dropout` with
-    ``mc=True``: those layers keep dropping units at inference, so each pass
-    predicts with a different sub-network, while everything else (batch
-    normalization, other dropout layers) stays in inference mode. The mean is
-    the Monte-Carlo estimate of the predictive mean, the standard deviation a
-    measure of the model's uncertainty.
+    ``mc=True``: during these passes (and only there: ordinary ``predict``
+    and ``evaluate`` stay deterministic) those layers keep dropping units
+    at inference, so each pass predicts with a different sub-network,
+    while everything else (batch normalization, other dropout layers)
+    stays in inference mode. The mean is the Monte-Carlo estimate of the
+    predictive mean, the standard deviation a measure of the model's
+    uncertainty.
 
     Args:
         model: a built `keras.Model`.
-        x: inputs: an array, or a list/dict of arrays for several inputs.
+        x: inputs: an array, or a list/dict of arrays for several inputs;
+            or batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+            `torch.utils.data.DataLoader` or any iterable of batches, each
+            batch the inputs ``x`` or a tuple ``(x, y)`` /
+            ``(x, y, sample_weight)`` (the targets are ignored). Batches
+            are read once; each gets its ``num_samples`` passes.
         num_samples: int >= 2, the number of passes T. Defaults to ``20``.
-        batch_size: int > 0, the number of examples per forward call;
-            ``None`` runs all of `x` as one batch. Defaults to ``None``.
+        batch_size: int > 0, the number of examples per forward call for
+            array inputs; ``None`` runs all of `x` as one batch (and must
+            be ``None`` for batched inputs, whose batches are used).
+            Defaults to ``None``.
 
     Returns:
         A tuple ``(mean, std)`` of NumPy arrays with the shape of one
@@ -35,29 +118,75 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
         Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing
         Model Uncertainty in Deep Learning", ICML 2016.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(
-            "Invalid value received for argument `model`. Expected a "
-            f"keras.Model. Received: model={model!r}"
-        )
+    _check_model(model)
     num_samples = _check_int("num_samples", num_samples, 2, ">= 2")
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1,
                                 "> 0, or None")
-    count = _count_examples(x)
-    if not any(
-        isinstance(layer, Dropout) and layer.mc and layer.rate > 0
-        for layer, _ in walk_layers(model)
-    ):
+    batches = _batches(x, batch_size)
+    sampling = mc_sampling(model)
+    samples = []
+    with sampling:
+        for batch in batches:
+            samples.append(np.stack([
+                keras.ops.convert_to_numpy(model.predict_on_batch(batch))
+                for _ in range(num_samples)
+            ]))
+    if not samples:
         raise ValueError(
-            "`mc_predict` needs a model with at least one "
-            "`kreg.layers.Dropout(rate > 0, mc=True)`: without one every "
-            f"pass is identical. Received: model={model.name!r}"
+            "Invalid value received for argument `x`. Expected at least one "
+            f"batch. Received: x={x!r} with no batches"
         )
-    samples = np.stack(
-        [_one_pass(model, x, count, batch_size) for _ in range(num_samples)]
-    )
+    samples = np.concatenate(samples, axis=1)
     return samples.mean(axis=0), samples.std(axis=0)
+
+
+def _batches(x, batch_size):
+    """An iterator over the batches of inputs in `x`, after the checks that
+    can run before any pass."""
+    if _is_batched(x):
+        if batch_size is not None:
+            raise ValueError(
+                "Invalid value received for argument `batch_size`. Expected "
+                "None when `x` yields batches (their size is used). "
+                f"Received: batch_size={batch_size}"
+            )
+        return _inputs_of_batches(x)
+    count = _count_examples(x)
+    step = count if batch_size is None else batch_size
+    return (
+        keras.tree.map_structure(lambda a, s=start: a[s:s + step], x)
+        for start in range(0, count, step)
+    )
+
+
+def _is_batched(x):
+    """Whether `x` is a source of batches rather than arrays."""
+    if isinstance(x, (str, bytes, list, tuple, dict)) or hasattr(x, "shape"):
+        return False
+    return isinstance(x, keras.utils.PyDataset) or hasattr(x, "__iter__")
+
+
+def _inputs_of_batches(x):
+    if isinstance(x, keras.utils.PyDataset):
+        batches = (x[i] for i in range(len(x)))
+    else:
+        batches = iter(x)
+    for batch in batches:
+        inputs = keras.utils.unpack_x_y_sample_weight(batch)[0]
+        yield keras.tree.map_structure(_to_numpy, inputs)
+
+
+def _to_numpy(value):
+    """A tensor of any backend (a tf.data batch on JAX) as a NumPy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return keras.ops.convert_to_numpy(value)
+    except Exception:  # a tensor of another framework
+        if hasattr(value, "detach"):  # torch
+            return value.detach().cpu().numpy()
+        return np.asarray(value)
 
 
 def _check_int(name, value, low, expectation):
@@ -96,18 +225,3 @@ def _count_examples(x):
             "example. Received: x with 0 examples"
         )
     return lengths[0]
-
-
-def _one_pass(model, x, count, batch_size):
-    """One stochastic pass with the compiled predict step (no data pipeline:
-    `model.predict` would build one per pass)."""
-    step = count if batch_size is None else batch_size
-    chunks = [
-        keras.tree.map_structure(lambda a, s=start: a[s:s + step], x)
-        for start in range(0, count, step)
-    ]
-    outputs = [
-        keras.ops.convert_to_numpy(model.predict_on_batch(chunk))
-        for chunk in chunks
-    ]
-    return np.concatenate(outputs, axis=0)

@@ -16,12 +16,15 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
       or ``"sigmoid"``); the mean is the ensemble's averaged probability.
     - For any other model: over ``num_samples`` Monte-Carlo dropout passes
       (`kreg.layers.mc_predict`; the model needs a
-      ``kreg.layers.Dropout(mc=True)``), on the model's outputs, or on
-      their probabilities with ``from_logits=True``.
+      ``kreg.layers.Dropout(mc=True)``, which samples in these passes
+      only), on the model's outputs, or on their probabilities with
+      ``from_logits=True``.
 
     Args:
         model: a `kreg.models.Ensemble` or a model with MC dropout.
-        x: the inputs (arrays, or a list/dict of arrays).
+        x: the inputs (arrays, or a list/dict of arrays); for MC dropout
+            also batches (a `tf.data.Dataset`, any iterable of ``x`` or
+            ``(x, y)``), as `kreg.layers.mc_predict` takes them.
         num_samples: the number of MC-dropout passes (ignored for an
             ensemble). Defaults to `20`.
         batch_size: examples per forward call. Defaults to `None`.

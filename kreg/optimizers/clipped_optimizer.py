@@ -69,7 +69,12 @@ class ClippedOptimizer(OptimizerWrapper):
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` instance to wrap (or a
-            name/config accepted by `keras.optimizers.get`).
+            name/config accepted by `keras.optimizers.get`). When this
+            wrapper clips, the optimizer (and any optimizer it wraps) must
+            not clip as well: one with ``clipvalue``, ``clipnorm`` or
+            ``global_clipnorm`` set (or a `ClippedOptimizer` that clips) is
+            refused with a `ValueError`, since the gradients would be
+            clipped twice.
         clipvalue: positive float or `None`: bound for value clipping.
             Defaults to `None`.
         clipnorm: positive float or `None`: bound on each gradient tensor's
@@ -148,6 +153,11 @@ class ClippedOptimizer(OptimizerWrapper):
             v for v in self._variables
             if v is not self._iterations and v is not self._learning_rate
         ]
+        clips = {k: v for k, v in clip_kwargs.items() if v is not None}
+        if agc_factor is not None:
+            clips["agc_factor"] = agc_factor
+        if clips:
+            _refuse_inner_clipping(self.inner_optimizer, clips)
         self.clipvalue = clip_kwargs["clipvalue"]
         self.clipnorm = clip_kwargs["clipnorm"]
         self.global_clipnorm = clip_kwargs["global_clipnorm"]
@@ -580,6 +590,33 @@ class ClippedOptimizer(OptimizerWrapper):
             "agc_epsilon": self.agc_epsilon,
             "on_non_finite": self.on_non_finite,
         }
+
+
+_CLIP_ARGUMENTS = ("clipvalue", "clipnorm", "global_clipnorm", "agc_factor")
+
+
+def _refuse_inner_clipping(optimizer, clips):
+    """Raises when an optimizer down the wrapper chain (``inner_optimizer``
+    after ``inner_optimizer``) clips the gradients too: they would be
+    clipped twice."""
+    path = "optimizer"
+    while optimizer is not None:
+        for argument in _CLIP_ARGUMENTS:
+            value = getattr(optimizer, argument, None)
+            if value is not None:
+                own = ", ".join(f"{k}={v}" for k, v in clips.items())
+                raise ValueError(
+                    "Invalid value received for argument `optimizer`. "
+                    "Expected an optimizer that does not clip gradients "
+                    f"itself: this ClippedOptimizer clips them ({own}) and "
+                    f"`{path}.{argument}` would clip them a second time. "
+                    f"Set `{argument}` on one of the two only (e.g. "
+                    f"{type(optimizer).__name__}() without it). Received: "
+                    f"{path}={type(optimizer).__name__} with "
+                    f"{argument}={value}"
+                )
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        path += ".inner_optimizer"
 
 
 def _sum_of_squares(g):

@@ -8,8 +8,11 @@
   and `tie_weights` to tie two models' weights at once.
 - `apply_weight_decay(model, regularizer, ...)`: penalizes the kernels (not
   biases, not normalization parameters) of an already built model.
+- `anchor_weights(model, strength, ...)`: pulls the kernels of a built model
+  toward a copy of their current values (L2-SP, fine-tuning).
 """
 
+from kreg.regularizers.apply_weight_decay import anchor_weights
 from kreg.regularizers.apply_weight_decay import apply_weight_decay
 from kreg.regularizers.l1 import L1
 from kreg.regularizers.l1_l2 import L1L2
@@ -22,6 +25,7 @@ __all__ = [
     "L1L2",
     "L2",
     "ParameterSharing",
+    "anchor_weights",
     "apply_weight_decay",
     "tie_weights",
 ]

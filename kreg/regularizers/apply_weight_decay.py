@@ -11,6 +11,7 @@ from kreg.regularizers import _utils
 from kreg.utils.layers import KERNEL_NAMES
 from kreg.utils.layers import short_name
 from kreg.regularizers.l2 import L2
+from kreg.regularizers.parameter_sharing import ParameterSharing
 from kreg.utils.validation import check_bool
 
 
@@ -156,6 +157,16 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
         ...     model, kreg.regularizers.L2(1e-4), exclude="head*")
         >>> model.compile(...); model.fit(...)
     """
+    _check_model(model)
+    regularizer = _check_regularizer(regularizer)
+    kernels = select_kernels(model, include, exclude, overwrite)
+    if isinstance(regularizer, ParameterSharing):
+        _check_reference_shapes(regularizer, kernels)
+    return attach_all(model, [(v, owner, regularizer) for v, owner in kernels],
+                      "apply_weight_decay")
+
+
+def _check_model(model):
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(
             "Invalid value received for argument `model`. Expected a built "
@@ -168,7 +179,32 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
             f"Received: model={model.name!r} (built={model.built}, "
             f"{len(model.weights)} weights)"
         )
-    regularizer = _check_regularizer(regularizer)
+
+
+def _check_reference_shapes(regularizer, kernels):
+    """One `ParameterSharing` reference has one shape: every selected kernel
+    must have it (a model's kernels of several shapes need
+    `anchor_weights`, which gives each its own reference)."""
+    wrong = [v for v, _ in kernels if tuple(v.shape) != regularizer.shape]
+    if wrong:
+        shown = ", ".join(
+            f"{v.path} {tuple(v.shape)}" for v in wrong[:6]
+        )
+        if len(wrong) > 6:
+            shown += f", ... ({len(wrong)} kernels)"
+        raise ValueError(
+            "Invalid value received for argument `regularizer`. Expected a "
+            "ParameterSharing whose reference has the shape of every "
+            "selected kernel (select one layer with `include`, or use "
+            "kreg.regularizers.anchor_weights(model, strength) to pull each "
+            "kernel toward its own current value). Received: reference of "
+            f"shape {regularizer.shape}; kernels of other shapes: {shown}"
+        )
+
+
+def select_kernels(model, include, exclude, overwrite):
+    """``[(variable, owner)]``: the kernels of ``model`` that ``include``,
+    ``exclude`` and ``overwrite`` select (arguments checked here)."""
     include_value, exclude_value = include, exclude
     include = _check_selector("include", include)
     exclude = _check_selector("exclude", exclude)
@@ -183,8 +219,7 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
         if selector is not None:
             _check_selector_matches(name, value, selector, chains)
 
-    penalized = PenalizedVariables()
-    unsaved = []
+    selected = []
     for variable, owner, chain in kernels:
         if include is not None and not any(
             _matches_any(layer, include) for layer in chain
@@ -196,16 +231,27 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
             continue
         if variable.regularizer is not None and not overwrite:
             continue
+        selected.append((variable, owner))
+    return selected
+
+
+def attach_all(model, triples, caller):
+    """Attaches each ``(variable, owner, regularizer)``; warns about
+    penalties no layer config records; resets the model's compiled train
+    and test functions. Returns the `PenalizedVariables`."""
+    penalized = PenalizedVariables()
+    unsaved = []
+    for variable, owner, regularizer in triples:
         if not _utils.attach(variable, owner, regularizer):
             unsaved.append(variable.path)
         penalized.append(variable)
     if unsaved:
         warnings.warn(
-            "apply_weight_decay: the penalty on "
+            f"{caller}: the penalty on "
             f"{', '.join(unsaved)} is active but not recorded in a layer "
             "config (no matching `*_regularizer` attribute), so it will not "
             "survive model.save / load_model.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if isinstance(model, keras.Model):
         # Compiled train/test steps were traced without the new losses:
@@ -215,3 +261,54 @@ def apply_weight_decay(model, regularizer, include=None, exclude=None,
         if model.test_function is not None:
             model.make_test_function(force=True)
     return penalized
+
+
+def anchor_weights(model, strength, include=None, exclude=None,
+                   overwrite=True):
+    """Pulls the kernels of a built model toward their current values (L2-SP).
+
+    For fine-tuning near pre-trained weights: every kernel selected as in
+    `apply_weight_decay` (not biases, not normalization parameters) gets
+    its own ``ParameterSharing(strength, w0)``, where ``w0`` is a copy of
+    the kernel's value at this call::
+
+        loss = data_loss + strength * sum(||w - w0||^2 for w in kernels)
+
+    Call it after loading (or setting) the pre-trained weights and before
+    ``fit``. A new head that should not stay near its initial values is
+    left out with ``exclude`` (and can get plain weight decay with
+    `apply_weight_decay`, as the L2-SP paper does). The references are
+    saved with the model (see `ParameterSharing`).
+
+    Setting ``layer.kernel_regularizer = ...`` on an already built layer
+    does nothing (Keras reads that attribute only when it creates the
+    kernel); this function, like `apply_weight_decay`, puts the penalty on
+    the variables themselves.
+
+    Args:
+        model: a built `keras.Model` (or layer).
+        strength: float >= 0, the penalty strength.
+        include: as in `apply_weight_decay`. Defaults to ``None``.
+        exclude: as in `apply_weight_decay`. Defaults to ``None``.
+        overwrite: as in `apply_weight_decay`. Defaults to ``True``.
+
+    Returns:
+        The list of variables that were given the penalty.
+
+    Example:
+        >>> model = keras.models.load_model("pretrained.keras")
+        >>> kreg.regularizers.anchor_weights(model, 1e-2, exclude="head*")
+        >>> model.compile(...); model.fit(...)
+
+    Reference:
+        Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer
+        Learning with Convolutional Networks", ICML 2018.
+    """
+    _check_model(model)
+    strength = _utils.check_strength("strength", strength)
+    kernels = select_kernels(model, include, exclude, overwrite)
+    triples = [
+        (v, owner, ParameterSharing(strength, keras.ops.convert_to_numpy(v)))
+        for v, owner in kernels
+    ]
+    return attach_all(model, triples, "anchor_weights")

@@ -30,6 +30,14 @@ class ParameterSharing(keras.regularizers.Regularizer):
     - a fixed array (NumPy array, list, tensor), e.g. pre-trained weights to
       stay near while fine-tuning. It is copied at construction.
 
+    Attaching it: pass it as ``kernel_regularizer=`` when the layer is
+    created, or, on an already built layer or model, use
+    ``apply_weight_decay(layer, ParameterSharing(strength, w0))`` (one
+    layer's kernel) or `anchor_weights` (every kernel of a model toward its
+    own current value). Assigning ``layer.kernel_regularizer = ...`` after
+    the layer is built does nothing: Keras reads that attribute only when it
+    creates the kernel, and nothing warns (``layer.losses`` stays empty).
+
     Serialization: the config stores ``strength`` and the reference's value
     as a nested list. For a variable reference that is a snapshot of the
     variable's value when the config is taken (e.g. at ``model.save``): a

@@ -6,6 +6,7 @@ epochs with the same arguments."""
 
 import contextlib
 import io
+import warnings
 
 import keras
 import numpy as np
@@ -177,6 +178,52 @@ class RetrainInputsTest(RetrainData, TestCase):
         with self.assertRaisesRegex(TypeError, "generator or iterator"):
             RetrainOnFullData(generator)
 
+    def test_batched_data_gets_no_ignored_shuffle_warning(self):
+        sources = {"PyDataset": lambda: Batches(self.x_full, self.y_full)}
+        try:
+            import tensorflow as tf
+
+            sources["tf.data"] = lambda: tf.data.Dataset.from_tensor_slices(
+                (self.x_full, self.y_full)).batch(16)
+        except ImportError:
+            pass
+        if keras.backend.backend() == "torch":
+            import torch
+
+            sources["DataLoader"] = lambda: torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(
+                    torch.tensor(self.x_full), torch.tensor(self.y_full)),
+                batch_size=16)
+        for name, make in sources.items():
+            with self.subTest(name), warnings.catch_warnings(
+                    record=True) as caught:
+                warnings.simplefilter("always")
+                count = CountBatches()
+                self.fit(self.model(), [EarlyStopping(patience=2),
+                                        RetrainOnFullData(
+                                            make(), callbacks=[count])])
+                self.assertGreater(len(count.batches), 0)
+                self.assertEqual([str(w.message) for w in caught
+                                  if "shuffle" in str(w.message)], [])
+
+    def test_phase_2_reuses_the_train_function(self):
+        class TrainFunction(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.seen.append(self.model.train_function)
+
+        outer, inner = TrainFunction(), TrainFunction()
+        self.fit(self.model(), [outer, EarlyStopping(patience=2),
+                                RetrainOnFullData(self.x_full, self.y_full,
+                                                  batch_size=16,
+                                                  callbacks=[inner])])
+        self.assertGreater(len(inner.seen), 0)
+        for function in outer.seen + inner.seen:
+            self.assertIs(function, outer.seen[0])
+
     def test_data_that_does_not_fit_fails_before_phase_1_trains(self):
         tf = pytest.importorskip("tensorflow")
         wrong = {
@@ -248,8 +295,8 @@ class RetrainInputsTest(RetrainData, TestCase):
                 self.assertEqual(out.getvalue().count("Restoring model"), 1)
 
     def test_the_data_check_leaves_phase_1_alone(self):
-        # The check runs a batch through the test step (a dropout active at
-        # inference draws random numbers there) and takes a batch of the
+        # The check runs a batch through the test step (a dropout sampling
+        # at inference draws random numbers there) and takes a batch of the
         # data (a DataLoader's iterator draws its seed from PyTorch's
         # global generator): phase 1 must run as it would without it.
         import kreg
@@ -273,16 +320,21 @@ class RetrainInputsTest(RetrainData, TestCase):
                 batch_size=16), None))
         for x, y in full:
             with self.subTest(type(x).__name__):
+                # With MC sampling on, the test step draws masks too.
                 keras.utils.set_random_seed(7)
-                alone = model().fit(
-                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
-                    validation_data=(self.xv, self.yv)).history
+                m = model()
+                with kreg.layers.mc_sampling(m):
+                    alone = m.fit(
+                        self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                        validation_data=(self.xv, self.yv)).history
                 keras.utils.set_random_seed(7)
-                both = model().fit(
-                    self.x, self.y, batch_size=16, epochs=3, verbose=0,
-                    validation_data=(self.xv, self.yv), callbacks=[
-                        EarlyStopping(patience=5),
-                        RetrainOnFullData(x, y, batch_size=16)]).history
+                m = model()
+                with kreg.layers.mc_sampling(m):
+                    both = m.fit(
+                        self.x, self.y, batch_size=16, epochs=3, verbose=0,
+                        validation_data=(self.xv, self.yv), callbacks=[
+                            EarlyStopping(patience=5),
+                            RetrainOnFullData(x, y, batch_size=16)]).history
                 for key in ("loss", "val_loss"):
                     self.assertAllClose(both[key][:3], alone[key],
                                         rtol=1e-6)

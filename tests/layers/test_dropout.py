@@ -3,6 +3,7 @@ import numpy as np
 
 from kreg.layers import Dropout
 from kreg.layers import mc_predict
+from kreg.layers import mc_sampling
 from kreg.testing import TestCase
 
 
@@ -56,14 +57,53 @@ class DropoutTest(TestCase):
         self.assertTrue(np.all(y == y[:, :1, :]))
         self.assertFalse(np.all(y == y[:1, :1, :]))
 
-    def test_mc_mode_is_stochastic_at_inference(self):
+    def test_mc_mode_is_stochastic_inside_mc_sampling_only(self):
         model = keras.Sequential(
             [keras.Input((500,)), Dropout(0.5, mc=True, seed=4)]
         )
-        first = self.to_numpy(model.predict(self.x, verbose=0))
-        second = self.to_numpy(model.predict(self.x, verbose=0))
+        model.compile(loss="mse")
+        # Ordinary inference is the identity, before and after sampling.
+        self.assertAllEqual(model.predict(self.x, verbose=0), self.x)
+        with mc_sampling(model):
+            first = self.to_numpy(model.predict(self.x, verbose=0))
+            second = self.to_numpy(model.predict(self.x, verbose=0))
+            mc_loss = model.evaluate(self.x, self.x, verbose=0)
         self.assertTrue(0.4 < (first == 0).mean() < 0.6)
         self.assertFalse(np.array_equal(first, second))
+        # mse of x * mask / 0.5 against x: mean(x**2) (half 0, half 2x).
+        self.assertAllClose(mc_loss, np.mean(self.x ** 2), rtol=0.02)
+        self.assertAllEqual(model.predict(self.x, verbose=0), self.x)
+        self.assertAllClose(model.evaluate(self.x, self.x, verbose=0), 0.0)
+
+    def test_predict_evaluate_and_validation_are_deterministic(self):
+        model = keras.Sequential([
+            keras.Input((500,)), Dropout(0.5, mc=True, seed=4),
+            keras.layers.Dense(1, kernel_initializer="ones"),
+        ])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        y = self.x.sum(axis=1, keepdims=True)
+        history = model.fit(self.x, y, validation_data=(self.x, y),
+                            epochs=2, verbose=0)
+        self.assertAllClose(history.history["val_loss"], [0.0, 0.0],
+                            atol=1e-3)
+        self.assertAllClose(model.evaluate(self.x, y, verbose=0), 0.0,
+                            atol=1e-3)
+        self.assertAllClose(model.predict(self.x, verbose=0), y, rtol=1e-5)
+        mean, std = mc_predict(model, self.x[:4], num_samples=4)
+        self.assertGreater(float(std.min()), 0.0)
+        self.assertAllClose(model.predict(self.x, verbose=0), y, rtol=1e-5)
+
+    def test_changing_mc_takes_effect_at_once(self):
+        layer = Dropout(0.5, mc=True, seed=4)
+        model = keras.Sequential([keras.Input((500,)), layer])
+        mean, std = mc_predict(model, self.x[:4], num_samples=3)
+        self.assertGreater(float(std.mean()), 0.5)
+        layer.mc = False
+        with self.assertRaisesRegex(ValueError, "mc=True"):
+            mc_predict(model, self.x[:4], num_samples=3)
+        layer.mc = True
+        mean, std = mc_predict(model, self.x[:4], num_samples=3)
+        self.assertGreater(float(std.mean()), 0.5)
 
     def test_symbolic_shape_and_mixed_float16(self):
         inputs = keras.Input((3, 5))
@@ -214,6 +254,53 @@ class McPredictTest(TestCase):
         with self.assertRaisesRegex(TypeError, r"`num_samples`.*'5'"):
             mc_predict(model, x, num_samples="5")
         self.assertEqual(calls, [])
+
+    def test_batches_from_a_dataset_or_an_iterable(self):
+        model = keras.Sequential(
+            [keras.Input((100,)), Dropout(0.5, mc=True, seed=0)]
+        )
+        x = np.ones((10, 100), "float32")
+        y = np.zeros((10, 1), "float32")
+        sources = {
+            "generator of x": (b for b in (x[:4], x[4:8], x[8:])),
+            "list-free iterator of (x, y)": iter(
+                [(x[:6], y[:6]), (x[6:], y[6:])]),
+        }
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            sources["tf.data x"] = tf.data.Dataset.from_tensor_slices(
+                x).batch(4)
+            sources["tf.data (x, y)"] = tf.data.Dataset.from_tensor_slices(
+                (x, y)).batch(3)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            sources["DataLoader (x, y)"] = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.tensor(x),
+                                               torch.tensor(y)),
+                batch_size=4)
+        for name, source in sources.items():
+            mean, std = mc_predict(model, source, num_samples=32)
+            self.assertEqual(mean.shape, (10, 100), name)
+            self.assertAlmostEqual(float(mean.mean()), 1.0, delta=0.05,
+                                   msg=name)
+            self.assertAlmostEqual(float(std.mean()), 1.0, delta=0.07,
+                                   msg=name)
+
+    def test_batches_from_a_tf_data_dataset_on_any_backend(self):
+        import tensorflow as tf
+
+        model = keras.Sequential(
+            [keras.Input((100,)), Dropout(0.5, mc=True, seed=0)]
+        )
+        x = np.ones((10, 100), "float32")
+        dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(4)
+        mean, std = mc_predict(model, dataset, num_samples=32)
+        self.assertEqual(mean.shape, (10, 100))
+        self.assertAlmostEqual(float(std.mean()), 1.0, delta=0.07)
+        with self.assertRaisesRegex(ValueError, "`batch_size`.*=4"):
+            mc_predict(model, dataset, batch_size=4)
 
     def test_numpy_integers_for_num_samples_and_batch_size(self):
         model = keras.Sequential([keras.Input((3,)), Dropout(0.5, mc=True)])

@@ -387,6 +387,37 @@ class ConfigTest(TestCase):
         opt = ClippedOptimizer("adam", clipnorm=1.0)
         self.assertIsInstance(opt.inner_optimizer, keras.optimizers.Adam)
 
+    def test_refuses_an_inner_optimizer_that_clips_too(self):
+        adam = keras.optimizers.Adam
+        for argument in ("clipnorm", "clipvalue", "global_clipnorm"):
+            for outer in ("clipnorm", "global_clipnorm", "agc_factor"):
+                with self.assertRaisesRegex(
+                    ValueError,
+                    f"argument `optimizer`.*`optimizer.{argument}`.*"
+                    f"Received: optimizer=Adam with {argument}=1.0",
+                ):
+                    ClippedOptimizer(adam(**{argument: 1.0}),
+                                     **{outer: 0.5})
+        # Anywhere down a chain of wrappers.
+        chains = [
+            (keras.optimizers.LossScaleOptimizer(adam(clipvalue=1.0)),
+             "optimizer.inner_optimizer.clipvalue"),
+            (ClippedOptimizer(adam(), clipnorm=1.0),
+             "optimizer.clipnorm"),
+            (ClippedOptimizer(keras.optimizers.LossScaleOptimizer(
+                adam(global_clipnorm=1.0))),
+             "optimizer.inner_optimizer.inner_optimizer.global_clipnorm"),
+        ]
+        for inner, where in chains:
+            with self.assertRaisesRegex(ValueError, f"`{where}`"):
+                ClippedOptimizer(inner, global_clipnorm=1.0)
+        # A measuring wrapper (no clipping of its own) may wrap a clipping
+        # optimizer, and a clipping wrapper a plain one.
+        measuring = ClippedOptimizer(adam(clipnorm=1.0))
+        self.assertIsNone(measuring.clipnorm)
+        ClippedOptimizer(keras.optimizers.LossScaleOptimizer(adam()),
+                         clipnorm=1.0)
+
     def test_bad_arguments(self):
         sgd = keras.optimizers.SGD
         cases = [

@@ -1,5 +1,7 @@
 """Tests of the gradient-health logs (kreg.callbacks.GradientMonitor)."""
 
+import os
+import tempfile
 import warnings
 
 import keras
@@ -99,9 +101,16 @@ class GradientMonitorTest(TestCase):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self._fit(model, ClippedOptimizer(keras.optimizers.SGD(0.0)),
-                      x, y, monitor, epochs=1)
-        messages = [str(w.message) for w in caught
-                    if "GradientMonitor" in str(w.message)]
+                      x, y, monitor, epochs=3)
+        ours = [w for w in caught if "GradientMonitor" in str(w.message)]
+        messages = [str(w.message) for w in ours]
+        # One line each, attributed to the code that called fit (here the
+        # `_fit` helper of this file), with Keras's 1-based epoch and step.
+        for w in ours:
+            self.assertNotIn("\n", str(w.message))
+            self.assertEqual(os.path.abspath(w.filename),
+                             os.path.abspath(__file__))
+            self.assertIn("in epoch 1, step 1", str(w.message))
         # The zero head passes no gradient back: earlier layers vanish.
         self.assertTrue(any("vanishing gradients in layer 'sequential/big_inputs'" in m
                             for m in messages), messages)
@@ -110,8 +119,18 @@ class GradientMonitorTest(TestCase):
         # The head's own gradient sees inputs of size ~1e4: it explodes.
         self.assertTrue(any("exploding gradients in layer 'sequential/head'" in m
                             for m in messages), messages)
-        # Once per layer and kind per epoch, although sampled every batch.
+        # One warning per layer and kind per fit, although sampled every
+        # batch of 3 epochs; `flagged` keeps one entry per epoch.
         self.assertEqual(len(messages), 3)
+        self.assertEqual(len(monitor.flagged), 9)
+        self.assertEqual(sorted({f[0] for f in monitor.flagged}), [0, 1, 2])
+        # A second fit warns again.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                      callbacks=[monitor])
+        self.assertEqual(len([w for w in caught
+                              if "GradientMonitor" in str(w.message)]), 3)
         self.assertEqual(
             set(monitor.layer_norms),
             {"sequential/big_inputs", "sequential/middle", "sequential/head"},
@@ -250,3 +269,60 @@ class GradientMonitorArgumentsTest(TestCase):
         for bad in (float("-inf"), float("nan")):
             with self.assertRaisesRegex(ValueError, "`exploding_threshold`"):
                 GradientMonitor(exploding_threshold=bad)
+
+
+class RecordingTensorBoard(keras.callbacks.TensorBoard):
+    """A TensorBoard that records the epoch logs it would write (the
+    tensorboard package, which writes them, is not a test dependency)."""
+
+    def __init__(self):
+        super().__init__(log_dir=tempfile.gettempdir())
+        self.written = []
+
+    def set_model(self, model):
+        keras.callbacks.Callback.set_model(self, model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.written.append(dict(logs))
+
+
+for _hook in ("on_train_begin", "on_train_end", "on_test_begin",
+              "on_test_end", "on_epoch_begin", "on_train_batch_begin",
+              "on_train_batch_end"):
+    setattr(RecordingTensorBoard, _hook,
+            lambda self, *args, **kwargs: None)
+
+
+class TensorBoardOrderTest(TestCase):
+    def fit(self, callbacks):
+        x, y = linear_data()
+        model = linear_model()
+        model.compile(optimizer=ClippedOptimizer(keras.optimizers.SGD(0.01),
+                                                 clipnorm=1.0), loss="mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                                callbacks=callbacks)
+        return history, [w for w in caught if "TensorBoard" in
+                         str(w.message)]
+
+    def test_warns_when_listed_after_tensorboard(self):
+        board = RecordingTensorBoard()
+        history, caught = self.fit([board, GradientMonitor()])
+        self.assertIn("grad_norm", history.history)
+        self.assertEqual(len(board.written), 2)
+        self.assertNotIn("grad_norm", board.written[0])
+        self.assertEqual(len(caught), 1)
+        message = str(caught[0].message)
+        self.assertIn("grad_norm, clipped_steps, skipped_steps", message)
+        self.assertIn("before TensorBoard", message)
+        self.assertEqual(os.path.abspath(caught[0].filename),
+                         os.path.abspath(__file__))
+
+    def test_listed_before_tensorboard_it_sees_grad_norm(self):
+        board = RecordingTensorBoard()
+        history, caught = self.fit([GradientMonitor(), board])
+        self.assertEqual(caught, [])
+        self.assertEqual([logs["grad_norm"] for logs in board.written],
+                         history.history["grad_norm"])
+        self.assertIn("clipped_steps", board.written[0])

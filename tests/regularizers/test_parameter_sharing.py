@@ -5,6 +5,8 @@ import keras
 import numpy as np
 
 from kreg.regularizers import L2
+from kreg.regularizers import anchor_weights
+from kreg.regularizers import apply_weight_decay
 from kreg.regularizers import ParameterSharing
 from kreg.regularizers import tie_weights
 from kreg.testing import TestCase
@@ -241,3 +243,88 @@ class TieWeightsTest(TestCase):
             tie_weights(a, tower("b"), -2.0)
         with self.assertRaisesRegex(ValueError, "`model_b`.*built"):
             tie_weights(a, keras.Sequential([keras.layers.Dense(2)]), 1.0)
+
+
+class AnchorWeightsTest(TestCase):
+    def model(self):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(8, activation="tanh", name="body")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        out = keras.layers.Dense(2, name="head")(h)
+        return keras.Model(inputs, out)
+
+    def test_penalty_is_the_distance_to_the_values_at_the_call(self):
+        model = self.model()
+        w0 = {layer.name: self.to_numpy(layer.kernel)
+              for layer in model.layers if hasattr(layer, "kernel")}
+        got = anchor_weights(model, 0.5, exclude="head")
+        self.assertEqual([v.path for v in got], [model.get_layer("body")
+                                                 .kernel.path])
+        self.assertAllClose(keras.ops.sum(model.losses), 0.0)
+        moved = w0["body"] + 0.25
+        model.get_layer("body").kernel.assign(moved)
+        model.get_layer("head").kernel.assign(w0["head"] + 1.0)
+        self.assertAllClose(
+            keras.ops.sum(model.losses),
+            0.5 * np.sum((moved - w0["body"]) ** 2), rtol=1e-5,
+        )
+        self.assertIsNone(model.get_layer("body").bias.regularizer)
+        self.assertIsInstance(model.get_layer("body").kernel_regularizer,
+                              ParameterSharing)
+
+    def test_fine_tuning_stays_near_the_pretrained_weights(self):
+        x = np.random.RandomState(0).normal(size=(32, 4)).astype("float32")
+        y = np.random.RandomState(1).normal(size=(32, 2)).astype("float32")
+        drift = {}
+        for strength in (0.0, 10.0):
+            model = self.model()
+            w0 = self.to_numpy(model.get_layer("body").kernel)
+            anchor_weights(model, strength)
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+            model.fit(x, y, epochs=3, batch_size=8, verbose=0)
+            drift[strength] = np.linalg.norm(
+                self.to_numpy(model.get_layer("body").kernel) - w0)
+        self.assertGreater(drift[0.0], 0.0)
+        self.assertLess(drift[10.0], 0.5 * drift[0.0])
+
+    def test_saved_with_the_model(self):
+        model = self.model()
+        w0 = self.to_numpy(model.get_layer("body").kernel)
+        anchor_weights(model, 2.0)
+        model.get_layer("body").kernel.assign(w0 - 0.5)
+        x = np.ones((3, 4), "float32")
+        reloaded = self.run_save_load(model, x)
+        self.assertAllClose(keras.ops.sum(reloaded.losses),
+                            keras.ops.sum(model.losses), rtol=1e-5)
+        self.assertGreater(float(keras.ops.sum(reloaded.losses)), 0.0)
+
+    def test_a_built_layer_through_apply_weight_decay(self):
+        dense = keras.layers.Dense(4)
+        dense.build((None, 3))
+        w0 = self.to_numpy(dense.kernel) + 1.0
+        # Keras reads kernel_regularizer only when it creates the kernel.
+        dense.kernel_regularizer = ParameterSharing(1e-2, w0)
+        self.assertEqual(list(dense.losses), [])
+        apply_weight_decay(dense, ParameterSharing(1e-2, w0))
+        self.assertAllClose(keras.ops.sum(dense.losses),
+                            1e-2 * np.sum((self.to_numpy(dense.kernel) - w0)
+                                          ** 2), rtol=1e-5)
+
+    def test_one_reference_for_kernels_of_other_shapes_raises(self):
+        model = self.model()
+        reference = np.zeros((4, 8), "float32")
+        with self.assertRaisesRegex(ValueError, "anchor_weights.*head"):
+            apply_weight_decay(model, ParameterSharing(1.0, reference))
+        self.assertIsNone(model.get_layer("body").kernel.regularizer)
+        got = apply_weight_decay(model, ParameterSharing(1.0, reference),
+                                 include="body")
+        self.assertEqual(len(got), 1)
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "strength.*-1"):
+            anchor_weights(self.model(), -1.0)
+        with self.assertRaisesRegex(TypeError, "model"):
+            anchor_weights("model", 1.0)
+        with self.assertRaisesRegex(ValueError, "exclude.*nope"):
+            anchor_weights(self.model(), 1.0, exclude="nope")

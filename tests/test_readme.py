@@ -1,0 +1,141 @@
+"""README's python code blocks run, each in a fresh namespace.
+
+The README's snippets use names they do not define (``x``, ``y``, a
+pre-trained model file): each block gets a small prelude that defines them
+with small data, and long runs are shortened (``epochs=200`` becomes a few
+epochs) by the substitutions listed per block. A block added to README
+without a prelude entry fails `test_every_block_has_a_prelude`.
+"""
+
+import os
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import kreg
+
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                      "README.md")
+
+
+def python_blocks():
+    """README's ```python blocks (indented ones dedented), in order."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    blocks = []
+    for match in re.finditer(r"^( *)```python\n(.*?)^\1```", text,
+                             re.M | re.S):
+        indent = len(match.group(1))
+        lines = [line[indent:] for line in match.group(2).splitlines()]
+        blocks.append("\n".join(lines) + "\n")
+    return blocks
+
+
+def data(n=64, d=8, classes=3, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = rng.randint(0, classes, size=(n, 1))
+    return x, y
+
+
+def small_model(d=8, classes=3, activation="softmax"):
+    return keras.Sequential([keras.Input((d,)),
+                             keras.layers.Dense(16, activation="relu"),
+                             keras.layers.Dense(classes,
+                                                activation=activation,
+                                                name="head")])
+
+
+def prelude_layers():
+    return {"x_test": data(n=16, d=784)[0]}
+
+
+def prelude_regularizers():
+    small_model().save("pretrained.keras")
+    tower_a, tower_b = small_model(), small_model()
+    dense = keras.layers.Dense(4)
+    dense.build((None, 3))
+    w0 = keras.ops.convert_to_numpy(dense.kernel) + 1.0
+    return {"tower_a": tower_a, "tower_b": tower_b, "dense": dense,
+            "w0": w0}
+
+
+def prelude_clipping():
+    x, y = data()
+    return {"x": x, "y": y, "model": small_model()}
+
+
+def prelude_retrain():
+    x, y = data(n=96)
+    model = small_model(activation=None)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    return {"model": model, "x_all": x, "y_all": y, "x_train": x[:64],
+            "y_train": y[:64], "x_val": x[64:], "y_val": y[64:]}
+
+
+def prelude_checkpoint():
+    x, y = data()
+    model = small_model(activation=None)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    model.fit(x, y, epochs=5, verbose=0, callbacks=[
+        kreg.callbacks.EMA(0.99),
+        kreg.callbacks.EarlyStopping(patience=5, monitor="loss"),
+        kreg.callbacks.ModelCheckpoint("ckpt/epoch{epoch:02d}.keras")])
+    return {"x": x, "y": y}
+
+
+def prelude_ensemble():
+    x, y = data(n=64, d=64, classes=10)
+    return {"x": x, "y": y, "x_test": x[:8]}
+
+
+def check_regularizers(namespace):
+    """The penalties the block attaches are in the losses."""
+    assert len(namespace["dense"].losses) == 1
+    assert len(namespace["model"].losses) == 1  # the body kernel only
+    assert len(namespace["tower_a"].losses) == 4
+
+
+def check_layers(namespace):
+    assert float(namespace["std"].max()) > 0.0
+
+
+# In README order: (prelude, {text: replacement} shortening the run[,
+# a check of the namespace after the block]).
+PRELUDES = [
+    (prelude_layers, {}, check_layers),
+    (prelude_regularizers, {}, check_regularizers),
+    (prelude_clipping, {}),
+    (prelude_retrain, {"epochs=200": "epochs=6"}),
+    (prelude_checkpoint, {}),
+    (prelude_ensemble, {"epochs=40": "epochs=2"}),
+]
+
+
+def test_every_block_has_a_prelude():
+    assert len(python_blocks()) == len(PRELUDES)
+
+
+@pytest.mark.parametrize("index", range(len(PRELUDES)))
+def test_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    block = python_blocks()[index]
+    prelude, replacements, *check = PRELUDES[index]
+    for old, new in replacements.items():
+        assert old in block, f"block {index}: {old!r} no longer in README"
+        block = block.replace(old, new)
+    namespace = {"keras": keras, "kreg": kreg, "np": np,
+                 "__name__": "readme"}
+    namespace.update(prelude())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+    for function in check:
+        function(namespace)
