@@ -94,6 +94,33 @@ def prelude_ensemble():
     return {"x": x, "y": y, "x_test": x[:8]}
 
 
+def prelude_fine_tuning():
+    base = keras.Sequential([keras.Input((64,)),
+                             keras.layers.Dense(16, activation="relu"),
+                             keras.layers.BatchNormalization(),
+                             keras.layers.Dense(16, activation="relu")])
+    base.save("pretrained_base.keras")
+    x, y = data(n=40, d=64, classes=5)
+    return {"x_few": x, "y_few": y}
+
+
+def check_fine_tuning(namespace):
+    """The schedule's optimizer is in; batch normalization in the base kept
+    its pre-trained statistics; the L2-SP penalty is in the losses."""
+    model = namespace["model"]
+    assert isinstance(model.optimizer, kreg.optimizers.FineTuningOptimizer)
+    saved = keras.models.load_model("pretrained_base.keras").layers[1]
+    trained = model.layers[0].layers[1]
+    for before, after in zip(saved.weights, trained.weights):
+        assert np.array_equal(keras.ops.convert_to_numpy(before),
+                              keras.ops.convert_to_numpy(after))
+    # The penalty of each base kernel training now (Keras leaves out those
+    # of frozen layers); the top one is unfrozen at the end.
+    training = [layer for layer in model.layers[0].layers
+                if isinstance(layer, keras.layers.Dense) and layer.trainable]
+    assert training and len(model.losses) == len(training)
+
+
 def check_regularizers(namespace):
     """The penalties the block attaches are in the losses."""
     assert len(namespace["dense"].losses) == 1
@@ -113,7 +140,10 @@ PRELUDES = [
     (prelude_clipping, {}),
     (prelude_retrain, {"epochs=200": "epochs=6"}),
     (prelude_checkpoint, {}),
+    # Two processes: tests/callbacks/test_multi_worker_processes.py runs it.
+    (None, {}),
     (prelude_ensemble, {"epochs=40": "epochs=2"}),
+    (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning),
 ]
 
 
@@ -128,6 +158,8 @@ def test_block_runs(index, tmp_path, monkeypatch):
     keras.utils.set_random_seed(0)
     block = python_blocks()[index]
     prelude, replacements, *check = PRELUDES[index]
+    if prelude is None:
+        pytest.skip("a multi-process snippet, run by the slow tests")
     for old, new in replacements.items():
         assert old in block, f"block {index}: {old!r} no longer in README"
         block = block.replace(old, new)
