@@ -116,7 +116,10 @@ CALLS = {
                                           optimizer=SGD),
     "optimizers.ClippedOptimizer": call(kreg.optimizers.ClippedOptimizer,
                                         optimizer=SGD),
+    "optimizers.FineTuningOptimizer": call(
+        kreg.optimizers.FineTuningOptimizer, optimizer=SGD),
     "callbacks.EMA": call(kreg.callbacks.EMA),
+    "callbacks.FineTuning": call(kreg.callbacks.FineTuning, base="base"),
     "callbacks.BackupAndRestore": call(kreg.callbacks.BackupAndRestore,
                                        backup_dir="backup"),
     "callbacks.EarlyStopping": call(kreg.callbacks.EarlyStopping),
@@ -427,6 +430,26 @@ ROWS = (
        Row("optimizers.ClippedOptimizer",
            {"optimizer": Fresh(lambda: keras.optimizers.Adam(clipnorm=1.0),
                                "<Adam(clipnorm=1)>")}, None)]
+    + rows_of("optimizers.FineTuningOptimizer",
+              numbers("base_learning_rate_factor", 0, -1),
+              [({"optimizer": 5}, TypeError),
+               ({"optimizer": None}, TypeError),
+               ({"optimizer": "adam"}, None),
+               ({"base_paths": "base/kernel"}, TypeError),
+               ({"base_paths": [5]}, TypeError),
+               ({"base_paths": ["base/kernel"]}, None)])
+    + [Row("optimizers.FineTuningOptimizer",
+           {"optimizer": Fresh(lambda: kreg.optimizers.ClippedOptimizer(
+               "sgd", clipnorm=1.0), "<ClippedOptimizer>")},
+           ValueError, ("`optimizer`", "plain"))]
+    + rows_of("callbacks.FineTuning",
+              integers("freeze_epochs", 0), integers("unfreeze_steps", 1),
+              integers("epochs_per_step", 1),
+              numbers("base_learning_rate_factor", 0, -1),
+              bools("freeze_batch_normalization"),
+              [({"base": 5}, TypeError), ({"base": None}, TypeError),
+               ({"base": Fresh(lambda: keras.layers.Dense(2),
+                               "<Dense>")}, None)])
     + rows_of("callbacks.EMA", numbers("decay", -0.1, 1.0),
               numbers("warmup_power", 0, -1), bools("warmup"),
               bools("validate_with_averaged"), bools("keep_averaged"),
@@ -455,7 +478,11 @@ ROWS = (
                ({"initial_value_threshold": "a"}, TypeError),
                ({"initial_value_threshold": NAN}, ValueError)],
               choices("mode"), integers("verbose", 0),
-              bools("save_best_only"), bools("save_weights_only"))
+              bools("save_best_only"),
+              [({"save_weights_only": v}, TypeError)
+               for v in ("yes", 1, None)],
+              [({"filepath": "model.weights.h5",
+                 "save_weights_only": np.True_}, None)])
     + _retrain_rows()
     + rows_of("metrics.BrierScore", bools("from_logits"),
               [({"dtype": "bogus"}, ValueError)])
@@ -478,75 +505,6 @@ ROWS = (
            {"epochs": np.int64(1), "batch_size": np.int64(4)}, None)]
 )
 
-# Rows that still fail, by the file where their fix belongs: xfails, so
-# that a fix landing in that file does not break the suite; the outcome
-# table (`python tests/test_bad_arguments.py`) shows which still fail.
-_STILL_FAILING = {
-    'kreg/callbacks/backup_and_restore.py': [
-        'callbacks.BackupAndRestore(save_freq=0)',
-        'callbacks.BackupAndRestore(save_freq=-1)',
-        "callbacks.BackupAndRestore(save_freq='bogus')",
-        'callbacks.BackupAndRestore(save_freq=2.5)',
-        'callbacks.BackupAndRestore(save_freq=np.int64(2))',
-        'callbacks.BackupAndRestore(backup_dir=None)',
-        'callbacks.BackupAndRestore(backup_dir=5)',
-        "callbacks.BackupAndRestore(double_checkpoint='yes')",
-        'callbacks.BackupAndRestore(double_checkpoint=1)',
-        'callbacks.BackupAndRestore(double_checkpoint=None)',
-        "callbacks.BackupAndRestore(delete_checkpoint='yes')",
-        'callbacks.BackupAndRestore(delete_checkpoint=1)',
-        'callbacks.BackupAndRestore(delete_checkpoint=None)',
-    ],
-    'kreg/callbacks/model_checkpoint.py': [
-        'callbacks.ModelCheckpoint(filepath=5)',
-        'callbacks.ModelCheckpoint(filepath=None)',
-        'callbacks.ModelCheckpoint(save_freq=0)',
-        'callbacks.ModelCheckpoint(save_freq=-1)',
-        'callbacks.ModelCheckpoint(save_freq=np.int64(2))',
-        'callbacks.ModelCheckpoint(monitor=5)',
-        "callbacks.ModelCheckpoint(initial_value_threshold='a')",
-        'callbacks.ModelCheckpoint(initial_value_threshold=nan)',
-        "callbacks.ModelCheckpoint(mode='bogus')",
-        'callbacks.ModelCheckpoint(mode=3)',
-        'callbacks.ModelCheckpoint(mode=None)',
-        'callbacks.ModelCheckpoint(verbose=-1)',
-        'callbacks.ModelCheckpoint(verbose=-2)',
-        'callbacks.ModelCheckpoint(verbose=2.5)',
-        'callbacks.ModelCheckpoint(verbose=1.0)',
-        'callbacks.ModelCheckpoint(verbose=inf)',
-        "callbacks.ModelCheckpoint(verbose='a')",
-        'callbacks.ModelCheckpoint(verbose=True)',
-        'callbacks.ModelCheckpoint(verbose=None)',
-        "callbacks.ModelCheckpoint(save_best_only='yes')",
-        'callbacks.ModelCheckpoint(save_best_only=1)',
-        'callbacks.ModelCheckpoint(save_best_only=None)',
-        "callbacks.ModelCheckpoint(save_weights_only='yes')",
-        'callbacks.ModelCheckpoint(save_weights_only=1)',
-        'callbacks.ModelCheckpoint(save_weights_only=None)',
-        'callbacks.ModelCheckpoint(save_weights_only=np.True_)',
-    ],
-    'kreg/layers/batch_normalization.py': [
-        "layers.BatchNormalization(beta_initializer='bogus')",
-        'layers.BatchNormalization(beta_initializer=5)',
-        "layers.BatchNormalization(gamma_initializer='bogus')",
-        'layers.BatchNormalization(gamma_initializer=5)',
-        "layers.BatchNormalization(moving_mean_initializer='bogus')",
-        'layers.BatchNormalization(moving_mean_initializer=5)',
-        "layers.BatchNormalization(moving_variance_initializer='bogus')",
-        'layers.BatchNormalization(moving_variance_initializer=5)',
-        "layers.BatchNormalization(beta_regularizer='bogus')",
-        'layers.BatchNormalization(beta_regularizer=5)',
-        "layers.BatchNormalization(gamma_regularizer='bogus')",
-        'layers.BatchNormalization(gamma_regularizer=5)',
-        "layers.BatchNormalization(beta_constraint='bogus')",
-        'layers.BatchNormalization(beta_constraint=5)',
-        "layers.BatchNormalization(gamma_constraint='bogus')",
-        'layers.BatchNormalization(gamma_constraint=5)',
-    ],
-}
-FIXED_IN = {row_id: path for path, ids in _STILL_FAILING.items()
-            for row_id in ids}
-
 
 def outcome(row):
     """What the call does: 'clear error', 'unclear message' (an error of
@@ -566,11 +524,7 @@ def outcome(row):
 def _params():
     params = []
     for row in ROWS:
-        marks = ()
-        if row.id in FIXED_IN:
-            marks = pytest.mark.xfail(
-                strict=False, reason=f"to fix in {FIXED_IN[row.id]}")
-        params.append(pytest.param(row, id=row.id, marks=marks))
+        params.append(pytest.param(row, id=row.id))
     return params
 
 
@@ -603,6 +557,7 @@ NOT_SWEPT = {
     ("metrics.ExpectedCalibrationError", "name"): "checked by Keras",
     ("optimizers.AveragingOptimizer", "name"): "checked by Keras",
     ("optimizers.ClippedOptimizer", "name"): "checked by Keras",
+    ("optimizers.FineTuningOptimizer", "name"): "checked by Keras",
     ("models.pretrain_layerwise", "optimizer"): "keras.optimizers.get",
     ("models.pretrain_layerwise", "verbose"): "as fit(verbose=)",
 }
@@ -625,10 +580,9 @@ def test_every_argument_has_rows():
     assert missing == []
 
 
-def test_fixed_in_names_existing_rows():
+def test_row_ids_are_unique():
     ids = [row.id for row in ROWS]
     assert len(set(ids)) == len(ids), "two rows with the same id"
-    assert set(FIXED_IN) <= set(ids)
 
 
 def sweep_table(rows=ROWS):
@@ -655,7 +609,6 @@ if __name__ == "__main__":
     if "-v" in sys.argv:
         print()
         for row, got, error in wrong:
-            where = FIXED_IN.get(row.id, "")
-            print(f"{got:20} {row.id}  [{where}]\n    "
+            print(f"{got:20} {row.id}\n    "
                   f"{type(error).__name__ if error else ''}: "
                   f"{str(error)[:160]}")

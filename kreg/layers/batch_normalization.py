@@ -8,6 +8,7 @@ from keras import ops
 from kreg.utils import distribute
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_number
+from kreg.utils.validation import get_keras_object
 
 _LOW_PRECISION = ("float16", "bfloat16")
 
@@ -115,18 +116,23 @@ class BatchNormalization(keras.layers.Layer):
         self.center = check_bool("center", center)
         self.scale = check_bool("scale", scale)
         self.synchronized = check_bool("synchronized", synchronized)
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.moving_mean_initializer = keras.initializers.get(
-            moving_mean_initializer
-        )
-        self.moving_variance_initializer = keras.initializers.get(
-            moving_variance_initializer
-        )
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        for name, getter, value in (
+                ("beta_initializer", keras.initializers.get,
+                 beta_initializer),
+                ("gamma_initializer", keras.initializers.get,
+                 gamma_initializer),
+                ("moving_mean_initializer", keras.initializers.get,
+                 moving_mean_initializer),
+                ("moving_variance_initializer", keras.initializers.get,
+                 moving_variance_initializer),
+                ("beta_regularizer", keras.regularizers.get,
+                 beta_regularizer),
+                ("gamma_regularizer", keras.regularizers.get,
+                 gamma_regularizer),
+                ("beta_constraint", keras.constraints.get, beta_constraint),
+                ("gamma_constraint", keras.constraints.get,
+                 gamma_constraint)):
+            setattr(self, name, get_keras_object(name, getter, value))
         self.supports_masking = True
         self.gamma = None
         self.beta = None

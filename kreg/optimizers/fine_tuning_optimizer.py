@@ -64,6 +64,7 @@ class FineTuningOptimizer(OptimizerWrapper):
         self.base_learning_rate_factor = check_number(
             "base_learning_rate_factor", base_learning_rate_factor, 0.0,
             float("inf"), low_inclusive=False, high_inclusive=False)
+        optimizer = self.inner_optimizer  # a name or config resolved
         config = optimizer.get_config()
         if "learning_rate" not in config or isinstance(
                 optimizer, (OptimizerWrapper,

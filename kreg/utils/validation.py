@@ -103,6 +103,17 @@ def check_integer(name, value, low=None, high=None, allow_none=False):
     return int(value)
 
 
+def get_keras_object(name, getter, value):
+    """``getter(value)`` (``keras.initializers.get``, ...), its error naming
+    the argument and the value."""
+    try:
+        return getter(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Invalid value received for argument `{name}`. {error}. "
+            f"Received: {name}={value!r}") from None
+
+
 def check_bool(name, value):
     """Returns `value` as a Python bool after checking it is a bool (Python
     or NumPy)."""
