@@ -5,6 +5,7 @@ from kreg.layers import Dropout
 from kreg.layers import mc_predict
 from kreg.layers import mc_sampling
 from kreg.testing import TestCase
+from tests.layers.helpers import assert_builds_as_keras
 
 
 class DropoutTest(TestCase):
@@ -161,25 +162,8 @@ class DropoutTest(TestCase):
                             reference(x, training=True))
 
     def test_a_subclass_build_is_called_as_for_keras_dropout(self):
-        def subclass(base):
-            class WithBuild(base):
-                def build(self, input_shape):
-                    self.build_shapes = getattr(self, "build_shapes", [])
-                    self.build_shapes.append(tuple(input_shape))
-
-            return WithBuild
-
-        ours, reference = subclass(Dropout)(0.5), subclass(
-            keras.layers.Dropout)(0.5)
-        for layer in (ours, reference):
-            self.assertFalse(layer.built)
-            layer(self.x, training=True)
-            layer(self.x, training=True)
-            self.assertTrue(layer.built)
-            self.assertEqual(layer.build_shapes, [self.x.shape])
-        # Without an own `build`, built at construction, as in Keras.
-        self.assertTrue(Dropout(0.5).built)
-        self.assertTrue(keras.layers.Dropout(0.5).built)
+        assert_builds_as_keras(self, Dropout, keras.layers.Dropout, self.x,
+                               0.5)
 
 
 class McPredictTest(TestCase):

@@ -3,6 +3,7 @@ import numpy as np
 
 from kreg.layers import GaussianNoise
 from kreg.testing import TestCase
+from tests.layers.helpers import assert_builds_as_keras
 
 
 class GaussianNoiseTest(TestCase):
@@ -77,21 +78,5 @@ class GaussianNoiseTest(TestCase):
                             GaussianNoise(2.0, seed=5)(self.x, training=True))
 
     def test_a_subclass_build_is_called_as_for_keras_gaussian_noise(self):
-        def subclass(base):
-            class WithBuild(base):
-                def build(self, input_shape):
-                    self.build_shapes = getattr(self, "build_shapes", [])
-                    self.build_shapes.append(tuple(input_shape))
-
-            return WithBuild
-
-        ours = subclass(GaussianNoise)(0.5)
-        reference = subclass(keras.layers.GaussianNoise)(0.5)
-        for layer in (ours, reference):
-            self.assertFalse(layer.built)
-            layer(self.x, training=True)
-            layer(self.x, training=True)
-            self.assertTrue(layer.built)
-            self.assertEqual(layer.build_shapes, [self.x.shape])
-        self.assertTrue(GaussianNoise(0.5).built)
-        self.assertTrue(keras.layers.GaussianNoise(0.5).built)
+        assert_builds_as_keras(self, GaussianNoise,
+                               keras.layers.GaussianNoise, self.x, 0.5)
