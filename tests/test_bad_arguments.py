@@ -435,9 +435,10 @@ ROWS = (
               [({"optimizer": 5}, TypeError),
                ({"optimizer": None}, TypeError),
                ({"optimizer": "adam"}, None),
-               ({"base_paths": "base/kernel"}, TypeError),
-               ({"base_paths": [5]}, TypeError),
-               ({"base_paths": ["base/kernel"]}, None)])
+               ({"base_indices": "0"}, TypeError),
+               ({"base_indices": [-1]}, TypeError),
+               ({"base_indices": [0.5]}, TypeError),
+               ({"base_indices": [np.int64(0)]}, None)])
     + [Row("optimizers.FineTuningOptimizer",
            {"optimizer": Fresh(lambda: kreg.optimizers.ClippedOptimizer(
                "sgd", clipnorm=1.0), "<ClippedOptimizer>")},

@@ -197,7 +197,7 @@ class FineTuning(keras.callbacks.Callback):
                     for v in layer.trainable_variables}
         optimizer = FineTuningOptimizer(
             model.optimizer,
-            [v.path for v in trained if id(v) in base_ids],
+            [i for i, v in enumerate(trained) if id(v) in base_ids],
             self.base_learning_rate_factor)
         strategy = getattr(model, "distribute_strategy", None)
         if strategy is not None:

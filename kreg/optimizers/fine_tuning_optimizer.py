@@ -1,5 +1,7 @@
 """FineTuningOptimizer: a pre-trained base's own optimizer and learning rate."""
 
+import numbers
+
 import keras
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
@@ -25,7 +27,8 @@ class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
 class FineTuningOptimizer(OptimizerWrapper):
     """Trains a pre-trained base with its own optimizer state and lower rate.
 
-    The weights whose ``path`` is in `base_paths` are updated by a second
+    The weights at `base_indices` of the list it is built with (the model's
+    trainable weights, all unfrozen) are updated by a second
     optimizer of the inner optimizer's class and settings (made from its
     config), whose learning rate is at every step ``base_learning_rate_factor``
     times the inner one's (following its schedule): discriminative learning
@@ -45,22 +48,25 @@ class FineTuningOptimizer(OptimizerWrapper):
     Args:
         optimizer: the `keras.optimizers.Optimizer` for the head: a plain
             optimizer with a ``learning_rate`` (not a wrapper).
-        base_paths: the ``path`` of every weight of the base.
+        base_indices: the positions of the base's weights in the list of
+            weights the optimizer is built with (positions, not paths:
+            Keras gives a loaded model's weights other paths).
         base_learning_rate_factor: float in (0, inf), the base's learning
             rate over the head's. Defaults to `0.1`.
         name: optional name. Defaults to `None`.
     """
 
-    def __init__(self, optimizer, base_paths=(), base_learning_rate_factor=0.1,
-                 name=None):
+    def __init__(self, optimizer, base_indices=(),
+                 base_learning_rate_factor=0.1, name=None):
         super().__init__(optimizer, name=name)
-        if isinstance(base_paths, str) or not all(
-                isinstance(p, str) for p in base_paths):
+        if isinstance(base_indices, (str, bytes)) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                and i >= 0 for i in base_indices):
             raise TypeError(
-                "Invalid value received for argument `base_paths`. Expected "
-                f"a list of variable paths. Received: base_paths={base_paths!r}"
-            )
-        self.base_paths = list(base_paths)
+                "Invalid value received for argument `base_indices`. "
+                "Expected a list of non-negative ints. Received: "
+                f"base_indices={base_indices!r}")
+        self.base_indices = [int(i) for i in base_indices]
         self.base_learning_rate_factor = check_number(
             "base_learning_rate_factor", base_learning_rate_factor, 0.0,
             float("inf"), low_inclusive=False, high_inclusive=False)
@@ -81,7 +87,13 @@ class FineTuningOptimizer(OptimizerWrapper):
         self.base_optimizer = type(optimizer).from_config(config)
 
     def build(self, var_list):
-        object.__setattr__(self, "built_variables", list(var_list))
+        var_list = list(var_list)
+        if any(i >= len(var_list) for i in self.base_indices):
+            raise ValueError(
+                f"`base_indices` {self.base_indices} do not fit the "
+                f"{len(var_list)} weights the optimizer is built with.")
+        object.__setattr__(self, "built_variables", var_list)
+        self._base_ids = {id(var_list[i]) for i in self.base_indices}
         base, _ = self._split(var_list)
         if not self.inner_optimizer.built:
             # On every weight, as when compiled without the wrapper, so that
@@ -97,16 +109,20 @@ class FineTuningOptimizer(OptimizerWrapper):
     def _split(self, variables, grads=None):
         """``(base, head)`` lists of `variables` (or, with `grads`, of
         ``(grad, variable)`` pairs)."""
-        base_paths = set(self.base_paths)
         items = variables if grads is None else list(zip(grads, variables))
         base, head = [], []
         for item in items:
             variable = item if grads is None else item[1]
-            (base if variable.path in base_paths else head).append(item)
+            (base if id(variable) in self._base_ids else head).append(item)
         return base, head
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "FineTuningOptimizer.apply needs the "
+                    "`trainable_variables` before it is built. Received: "
+                    "trainable_variables=None")
             trainable_variables = self.trained_variables()
         trainable_variables = list(trainable_variables)
         if not self.built:
@@ -133,5 +149,5 @@ class FineTuningOptimizer(OptimizerWrapper):
                 [scope.get_current_value(v) for v in self.variables])
 
     def get_config(self):
-        return {**super().get_config(), "base_paths": self.base_paths,
+        return {**super().get_config(), "base_indices": self.base_indices,
                 "base_learning_rate_factor": self.base_learning_rate_factor}

@@ -11,6 +11,7 @@ from kreg.callbacks import EMA
 from kreg.callbacks import BackupAndRestore
 from kreg.callbacks import FineTuning
 from kreg.callbacks import GradientMonitor
+from kreg.optimizers import FineTuningOptimizer
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt
 
@@ -221,3 +222,31 @@ class FineTuningTest(TestCase):
         with self.assertRaisesRegex(ValueError, "list `FineTuning` before"):
             model.fit(X, Y, epochs=1, verbose=0,
                       callbacks=[EMA(), FineTuning(base)])
+
+
+class FineTuningOptimizerTest(TestCase):
+    def test_compiled_directly_saves_and_loads(self):
+        base, model = make_model(batch_normalization=False)
+        indices = list(range(len(base.trainable_variables)))
+        optimizer = FineTuningOptimizer(keras.optimizers.Adam(1e-2), indices,
+                                        base_learning_rate_factor=0.5)
+        model.compile(optimizer, "mse")
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "m.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertIsInstance(loaded.optimizer, FineTuningOptimizer)
+        self.assertEqual(loaded.optimizer.get_config()["base_indices"],
+                         indices)
+        self.assertEqual(
+            loaded.optimizer.get_config()["base_learning_rate_factor"], 0.5)
+        self.assertAllClose(loaded.predict(X, verbose=0),
+                            model.predict(X, verbose=0))
+        # The base optimizer's step count came back with the state.
+        self.assertEqual(int(keras.ops.convert_to_numpy(
+            loaded.optimizer.base_optimizer.iterations)), 4)
+
+    def test_apply_without_variables_before_build(self):
+        optimizer = FineTuningOptimizer(keras.optimizers.SGD())
+        with self.assertRaisesRegex(ValueError, "trainable_variables=None"):
+            optimizer.apply([np.zeros((2,), "float32")])
