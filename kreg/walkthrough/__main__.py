@@ -28,6 +28,7 @@ EXPERIMENTS = {
     "gradients": catalog.gradients,
     "optimizers": catalog.optimizers,
     "bagging": catalog.bagging,
+    "labels": catalog.labels,
 }
 
 
@@ -105,9 +106,15 @@ def main(argv=None):
             experiment.notes += catalog.epochs_to_reach(experiment, 0.95)
         if experiment.key == "gradients":
             experiment.notes += catalog.layer_norm_notes(experiment)
+        if experiment.key == "labels":
+            experiment.notes += catalog.label_fraction_notes(experiment)
         report.print_table(experiment)
-        plots = [report.plot_curves(experiment, args.output),
-                 report.plot_layer_norms(experiment, args.output)]
+        if experiment.key == "labels":
+            # Twelve arms: accuracy against the label fraction, not curves.
+            plots = [report.plot_label_fractions(experiment, args.output)]
+        else:
+            plots = [report.plot_curves(experiment, args.output),
+                     report.plot_layer_norms(experiment, args.output)]
         if experiment.key == "bagging":
             plots.append(report.plot_reliability(experiment, args.output))
         written.append((experiment, [p for p in plots if p]))
