@@ -416,7 +416,7 @@ LABEL_METHODS = (
 )
 
 
-def labels(dataset, quick=False, fractions=(0.01, 0.05, 0.2), epochs=None,
+def labels(dataset, quick=False, fractions=None, epochs=None,
            source_epochs=None, pretrain_epochs=None):
     """Lecture: too little labelled data. Transfer learning and
     unsupervised pretraining against training from scratch, for several
@@ -428,10 +428,12 @@ def labels(dataset, quick=False, fractions=(0.01, 0.05, 0.2), epochs=None,
     network trained on classes 0-4 of the training split, trained inside
     the arm (its time is in the arm's); the pretraining arm runs
     `kreg.models.pretrain_layerwise` on every training input, without
-    labels. Every arm gets the same supervised epochs.
+    labels. Every arm gets the same supervised epochs. `quick` runs two
+    fractions (1 and 20 %) on small budgets.
     """
-    epochs = epochs or (10 if quick else 100)
-    source_epochs = source_epochs or (3 if quick else 20)
+    fractions = fractions or ((0.01, 0.2) if quick else (0.01, 0.05, 0.2))
+    epochs = epochs or (6 if quick else 100)
+    source_epochs = source_epochs or (2 if quick else 20)
     pretrain_epochs = pretrain_epochs or (1 if quick else 10)
     width = (256, 256)
     source = data_module.class_split(dataset, SOURCE_CLASSES)
