@@ -87,10 +87,12 @@ def main(argv=None):
         f"{'; --quick budgets' if args.quick else ''}."
     )
     print(header.replace("# ", "").replace("\n\n", ": "))
-    experiments = [
-        EXPERIMENTS[key](dataset, quick=args.quick)
-        for key in args.experiments
-    ]
+    experiments = []
+    for key in args.experiments:
+        try:
+            experiments.append(EXPERIMENTS[key](dataset, quick=args.quick))
+        except catalog.NotApplicable as reason:
+            print(f"Skipping {key!r} on {dataset.name}: {reason}.")
     total = sum(e.runs for e in experiments) * args.seeds
     progress = keras.utils.Progbar(total, unit_name="run")
     done = [0]

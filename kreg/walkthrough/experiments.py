@@ -406,8 +406,11 @@ def bagging(dataset, quick=False):
     )
 
 
-SOURCE_CLASSES = (0, 1, 2, 3, 4)
-TARGET_CLASSES = (5, 6, 7, 8, 9)
+class NotApplicable(ValueError):
+    """An experiment that does not apply to the data set (e.g. too few
+    classes); the walkthrough skips it with the reason."""
+
+
 LABEL_METHODS = (
     "from scratch",
     "transfer, head only",
@@ -422,13 +425,13 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
     unsupervised pretraining against training from scratch, for several
     fractions of labelled images.
 
-    The target task is classes 5-9 (relabelled 0-4; scored on the test
-    split's classes 5-9), trained on a stratified `fraction` of its
-    training images drawn with the run's seed. Transfer arms start from a
-    network trained on classes 0-4 of the training split, trained inside
-    the arm (its time is in the arm's); the pretraining arm runs
-    `kreg.models.pretrain_layerwise` on every training input, without
-    labels. Every arm gets the same supervised epochs. `quick` runs two
+    The target task is the upper half of the classes (on digits and MNIST
+    5-9, relabelled 0-4; scored on the test split's classes 5-9), trained
+    on a stratified `fraction` of its training images drawn with the run's
+    seed. Transfer arms start from a network trained on the lower half
+    (0-4) of the training split, trained inside the arm (its time is in
+    the arm's); the pretraining arm runs `kreg.models.pretrain_layerwise`
+    on every training input, without labels. Every arm gets the same supervised epochs. `quick` runs two
     fractions (1 and 20 %) on small budgets.
     """
     fractions = fractions or ((0.01, 0.2) if quick else (0.01, 0.05, 0.2))
@@ -436,8 +439,16 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
     source_epochs = source_epochs or (2 if quick else 20)
     pretrain_epochs = pretrain_epochs or (1 if quick else 10)
     width = (256, 256)
-    source = data_module.class_split(dataset, SOURCE_CLASSES)
-    target = data_module.class_split(dataset, TARGET_CLASSES)
+    if dataset.num_classes < 4:
+        raise NotApplicable(
+            f"it splits the classes in two halves of at least 2; "
+            f"{dataset.name} has {dataset.num_classes}")
+    half = dataset.num_classes // 2
+    source = data_module.class_split(dataset, range(half))
+    target = data_module.class_split(dataset, range(half,
+                                                    dataset.num_classes))
+    source_names = f"0-{half - 1}"
+    target_names = f"{half}-{dataset.num_classes - 1}"
     unlabelled = dataset.x_train
     # The FineTuning schedule: the head alone for half the epochs, then
     # the base's top Dense layer, then both (learning rate 0.1 x the head's).
@@ -503,13 +514,15 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
         key="labels",
         title="Too little labelled data: transfer learning and pretraining",
         question=(
-            "Target task: classes 5-9, trained on "
+            f"Target task: classes {target_names}, trained on "
             f"{', '.join(f'{f * 100:g} %' for f in fractions)} of their "
             "training images with labels (stratified, at least one per "
             "class, drawn with the seed), scored on all test images of "
-            "classes 5-9. A 256-256 ReLU network with 5 outputs and the same "
+            f"classes {target_names}. A 256-256 ReLU network with "
+            f"{target.num_classes} outputs and the same "
             f"{epochs} supervised epochs in every arm. From scratch; "
-            "transfer from the same network trained on classes 0-4 "
+            f"transfer from the same network trained on classes "
+            f"{source_names} "
             f"({source_epochs} epochs, inside the arm) with only a new head "
             f"trained, or with FineTuning (head alone for {freeze_epochs} "
             "epochs, then the base unfrozen from the top in 2 steps of "
