@@ -138,6 +138,14 @@ class LabelsExperimentTest(unittest.TestCase):
         self.assertEqual(len(model.trainable_weights), 2)  # the head
         self.assertEqual(model.output_shape, (None, 5))
 
+    def test_too_few_classes_is_not_applicable(self):
+        from kreg.walkthrough import data
+        from kreg.walkthrough import experiments
+
+        with self.assertRaisesRegex(experiments.NotApplicable,
+                                    "breast_cancer has 2"):
+            experiments.labels(data.load_breast_cancer(), quick=True)
+
     def test_quick_run_writes_rows_and_plot(self):
         import matplotlib.image
 
