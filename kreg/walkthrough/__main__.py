@@ -28,6 +28,7 @@ EXPERIMENTS = {
     "gradients": catalog.gradients,
     "optimizers": catalog.optimizers,
     "bagging": catalog.bagging,
+    "labels": catalog.labels,
 }
 
 
@@ -86,10 +87,12 @@ def main(argv=None):
         f"{'; --quick budgets' if args.quick else ''}."
     )
     print(header.replace("# ", "").replace("\n\n", ": "))
-    experiments = [
-        EXPERIMENTS[key](dataset, quick=args.quick)
-        for key in args.experiments
-    ]
+    experiments = []
+    for key in args.experiments:
+        try:
+            experiments.append(EXPERIMENTS[key](dataset, quick=args.quick))
+        except catalog.NotApplicable as reason:
+            print(f"Skipping {key!r} on {dataset.name}: {reason}.")
     total = sum(e.runs for e in experiments) * args.seeds
     progress = keras.utils.Progbar(total, unit_name="run")
     done = [0]
@@ -105,9 +108,15 @@ def main(argv=None):
             experiment.notes += catalog.epochs_to_reach(experiment, 0.95)
         if experiment.key == "gradients":
             experiment.notes += catalog.layer_norm_notes(experiment)
+        if experiment.key == "labels":
+            experiment.notes += catalog.label_fraction_notes(experiment)
         report.print_table(experiment)
-        plots = [report.plot_curves(experiment, args.output),
-                 report.plot_layer_norms(experiment, args.output)]
+        if experiment.key == "labels":
+            # Twelve arms: accuracy against the label fraction, not curves.
+            plots = [report.plot_label_fractions(experiment, args.output)]
+        else:
+            plots = [report.plot_curves(experiment, args.output),
+                     report.plot_layer_norms(experiment, args.output)]
         if experiment.key == "bagging":
             plots.append(report.plot_reliability(experiment, args.output))
         written.append((experiment, [p for p in plots if p]))

@@ -58,6 +58,52 @@ class Dataset:
         return data
 
 
+def class_split(dataset, classes):
+    """A copy holding only `classes` (both splits), relabelled 0, 1, ...
+    in the order given; the inputs keep their standardization."""
+    classes = [int(c) for c in classes]
+    relabel = np.full(dataset.num_classes, -1, dtype="int32")
+    relabel[classes] = np.arange(len(classes), dtype="int32")
+    arrays = {}
+    for split in ("train", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        keep = np.isin(y, classes)
+        arrays[f"x_{split}"] = x[keep]
+        arrays[f"y_{split}"] = relabel[y[keep]]
+    names = ", ".join(str(c) for c in classes)
+    return dataclasses.replace(
+        dataset, num_classes=len(classes),
+        source=f"{dataset.source}, classes {names}", **arrays)
+
+
+def labelled_indices(labels, fraction, seed):
+    """Training rows for a labelled subset of `fraction` of `labels`.
+
+    Stratified: about `fraction` of every class (rounded, at least one
+    image per class), drawn with `seed`; returned sorted.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            "Invalid value received for argument `fraction`. Expected a "
+            f"float in (0, 1]. Received: fraction={fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = max(1, int(round(fraction * len(rows))))
+        chosen.append(rng.choice(rows, size=count, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def labelled_subset(dataset, fraction, seed):
+    """A copy whose training split is a stratified `fraction` of its
+    labelled rows (`labelled_indices`); the test split is kept."""
+    index = labelled_indices(dataset.y_train, fraction, seed)
+    return dataclasses.replace(dataset, x_train=dataset.x_train[index],
+                               y_train=dataset.y_train[index])
+
+
 def standardize(x_train, x_test):
     """Scales every input dimension to mean 0 and std 1 on the train split."""
     x_train = x_train.reshape(len(x_train), -1).astype("float32")

@@ -9,8 +9,11 @@ import keras
 import numpy as np
 
 import kreg
+from kreg.walkthrough import data as data_module
 from kreg.walkthrough.runner import Arm
 from kreg.walkthrough.runner import Experiment
+from kreg.walkthrough.runner import default_loss
+from kreg.walkthrough.runner import default_optimizer
 
 
 def mlp(dataset, seed, hidden=(256, 256), activation="relu",
@@ -401,3 +404,163 @@ def bagging(dataset, quick=False):
         arms=arms,
         epochs=8 if quick else 40,
     )
+
+
+class NotApplicable(ValueError):
+    """An experiment that does not apply to the data set (e.g. too few
+    classes); the walkthrough skips it with the reason."""
+
+
+LABEL_METHODS = (
+    "from scratch",
+    "transfer, head only",
+    "transfer, head then unfreeze (FineTuning)",
+    "unsupervised pretraining (pretrain_layerwise), then supervised",
+)
+
+
+def labels(dataset, quick=False, fractions=None, epochs=None,
+           source_epochs=None, pretrain_epochs=None):
+    """Lecture: too little labelled data. Transfer learning and
+    unsupervised pretraining against training from scratch, for several
+    fractions of labelled images.
+
+    The target task is the upper half of the classes (on digits and MNIST
+    5-9, relabelled 0-4; scored on the test split's classes 5-9), trained
+    on a stratified `fraction` of its training images drawn with the run's
+    seed. Transfer arms start from a network trained on the lower half
+    (0-4) of the training split, trained inside the arm (its time is in
+    the arm's); the pretraining arm runs `kreg.models.pretrain_layerwise`
+    on every training input, without labels. Every arm gets the same supervised epochs. `quick` runs two
+    fractions (1 and 20 %) on small budgets.
+    """
+    fractions = fractions or ((0.01, 0.2) if quick else (0.01, 0.05, 0.2))
+    epochs = epochs or (6 if quick else 100)
+    source_epochs = source_epochs or (2 if quick else 20)
+    pretrain_epochs = pretrain_epochs or (1 if quick else 10)
+    width = (256, 256)
+    if dataset.num_classes < 4:
+        raise NotApplicable(
+            f"it splits the classes in two halves of at least 2; "
+            f"{dataset.name} has {dataset.num_classes}")
+    half = dataset.num_classes // 2
+    source = data_module.class_split(dataset, range(half))
+    target = data_module.class_split(dataset, range(half,
+                                                    dataset.num_classes))
+    source_names = f"0-{half - 1}"
+    target_names = f"{half}-{dataset.num_classes - 1}"
+    unlabelled = dataset.x_train
+    # The FineTuning schedule: the head alone for half the epochs, then
+    # the base's top Dense layer, then both (learning rate 0.1 x the head's).
+    freeze_epochs = epochs // 2
+    epochs_per_step = max(1, epochs // 4)
+
+    def scratch(seed, d):
+        return mlp(d, seed, hidden=width)
+
+    def transfer(frozen):
+        def build(seed, d):
+            trained = mlp(source, seed, hidden=width)
+            trained.compile(optimizer=default_optimizer(),
+                            loss=default_loss())
+            trained.fit(source.x_train, source.y_train,
+                        epochs=source_epochs, batch_size=32, verbose=0)
+            # Its hidden layers (trained weights) as the base of a new head.
+            base = keras.Sequential(
+                [keras.Input((d.input_dim,)), *trained.layers[:-1]],
+                name="base")
+            base.trainable = not frozen
+            # Not `seed`: that draw is the source network's first output
+            # layer, which the trained features are fitted against.
+            head = keras.layers.Dense(
+                d.num_classes,
+                kernel_initializer=_initializer("glorot_uniform", seed + 1))
+            return keras.Sequential([keras.Input((d.input_dim,)), base, head])
+        return build
+
+    def schedule(seed, d):
+        return [kreg.callbacks.FineTuning(
+            "base", freeze_epochs=freeze_epochs, unfreeze_steps=2,
+            epochs_per_step=epochs_per_step, base_learning_rate_factor=0.1)]
+
+    def pretrained(seed, d):
+        model = mlp(d, seed, hidden=width)
+        kreg.models.pretrain_layerwise(
+            model, unlabelled, epochs=pretrain_epochs, corruption=0.3,
+            seed=seed, verbose=0)
+        return model
+
+    methods = dict(zip(LABEL_METHODS, (
+        {"build": scratch},
+        {"build": transfer(frozen=True)},
+        {"build": transfer(frozen=False), "callbacks": schedule},
+        {"build": pretrained},
+    )))
+    arms = []
+    for fraction in fractions:
+        images = len(data_module.labelled_indices(target.y_train, fraction, 0))
+
+        def subset(seed, d, fraction=fraction):
+            return data_module.labelled_subset(d, fraction, seed)
+
+        for method, parts in methods.items():
+            arms.append(Arm(
+                f"{method}, {fraction * 100:g} % labels ({images} images)",
+                train_data=subset,
+                factors={"method": method, "label_fraction": fraction,
+                         "labelled_images": images},
+                **parts))
+    return Experiment(
+        key="labels",
+        title="Too little labelled data: transfer learning and pretraining",
+        question=(
+            f"Target task: classes {target_names}, trained on "
+            f"{', '.join(f'{f * 100:g} %' for f in fractions)} of their "
+            "training images with labels (stratified, at least one per "
+            "class, drawn with the seed), scored on all test images of "
+            f"classes {target_names}. A 256-256 ReLU network with "
+            f"{target.num_classes} outputs and the same "
+            f"{epochs} supervised epochs in every arm. From scratch; "
+            f"transfer from the same network trained on classes "
+            f"{source_names} "
+            f"({source_epochs} epochs, inside the arm) with only a new head "
+            f"trained, or with FineTuning (head alone for {freeze_epochs} "
+            "epochs, then the base unfrozen from the top in 2 steps of "
+            f"{epochs_per_step} epochs, learning rate 0.1 x the head's); "
+            "or greedy layer-wise denoising-autoencoder pretraining "
+            f"({pretrain_epochs} epochs per layer, masking 0.3) on all "
+            f"{len(unlabelled)} training inputs without labels, then "
+            "supervised training. The lecture: pretraining helps most "
+            "when labels are few."
+        ),
+        dataset=target,
+        arms=arms,
+        epochs=epochs,
+    )
+
+
+def label_fraction_notes(experiment):
+    """Per label fraction and method: the gain in test accuracy over
+    training from scratch, paired by seed (same labelled subset)."""
+    accuracy = {}
+    for run in experiment.results:
+        arm = next(a for a in experiment.arms if a.name == run.arm)
+        key = (arm.factors["label_fraction"], arm.factors["method"])
+        accuracy.setdefault(key, {})[run.seed] = run.test_accuracy
+    notes = []
+    fractions = sorted({fraction for fraction, _ in accuracy})
+    for fraction in fractions:
+        scratch = accuracy.get((fraction, LABEL_METHODS[0]), {})
+        gains = []
+        for method in LABEL_METHODS[1:]:
+            runs = accuracy.get((fraction, method), {})
+            seeds = sorted(set(runs) & set(scratch))
+            if not seeds:
+                continue
+            gain = 100 * np.array([runs[s] - scratch[s] for s in seeds])
+            gains.append(f"{method} {gain.mean():+.1f} ± {gain.std():.1f}")
+        if gains:
+            notes.append(f"{fraction * 100:g} % labels, points of test "
+                         "accuracy over from scratch (paired by seed): "
+                         + "; ".join(gains))
+    return notes

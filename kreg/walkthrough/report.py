@@ -240,3 +240,51 @@ def plot_reliability(experiment, folder):
     figure.savefig(os.path.join(folder, name), dpi=100)
     plt.close(figure)
     return name
+
+
+def plot_label_fractions(experiment, folder):
+    """Test accuracy (mean ± std over seeds) against the fraction of
+    labelled images, one line per method (the arms' ``factors``); returns
+    the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = {}  # method -> fraction -> accuracies
+    images = {}
+    for arm in experiment.arms:
+        method = arm.factors["method"]
+        fraction = arm.factors["label_fraction"]
+        images[fraction] = arm.factors.get("labelled_images")
+        points.setdefault(method, {})[fraction] = [
+            r.test_accuracy for r in experiment.results if r.arm == arm.name]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (method, by_fraction) in enumerate(points.items()):
+        fractions = sorted(f for f, acc in by_fraction.items() if acc)
+        if not fractions:
+            continue
+        mean = [np.mean(by_fraction[f]) for f in fractions]
+        std = [np.std(by_fraction[f]) for f in fractions]
+        axis.errorbar(fractions, mean, yerr=std, marker="o", capsize=4,
+                      color=f"C{index % 10}", label=method)
+    fractions = sorted(images)
+    axis.set_xscale("log")
+    axis.set_xticks(fractions)
+    axis.set_xticklabels([
+        f"{f * 100:g} %" + (f"\n({images[f]} images)" if images[f] else "")
+        for f in fractions])
+    axis.minorticks_off()
+    axis.set_xlabel("fraction of the training images with labels")
+    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    seeds = len({r.seed for r in experiment.results})
+    axis.set_title(f"{experiment.title}\n({seeds} seeds, "
+                   f"{experiment.epochs} supervised epochs per arm)",
+                   fontsize=10)
+    figure.tight_layout()
+    name = f"{experiment.key}.png"
+    figure.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(figure)
+    return name

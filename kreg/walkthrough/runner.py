@@ -75,6 +75,12 @@ class Arm:
             on the arm's callbacks; the dict is kept as the run's `extras`.
         predict: optional ``predict(model, x) -> logits`` replacing
             ``model.predict`` for the test scores (e.g. MC dropout).
+        train_data: optional ``train_data(seed, dataset) -> dataset``, the
+            data the run builds and trains on (e.g. a labelled subset drawn
+            with the seed); its test split is the one scored.
+        factors: the arm's settings in a factorial experiment (e.g.
+            ``{"method": "from scratch", "label_fraction": 0.05}``), for
+            plots that draw one factor against another.
     """
 
     name: str
@@ -85,6 +91,8 @@ class Arm:
     fit: Callable = None
     collect: Callable = None
     predict: Callable = None
+    train_data: Callable = None
+    factors: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -135,6 +143,8 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
+    if arm.train_data is not None:
+        dataset = arm.train_data(seed, dataset)
     model = arm.build(seed, dataset)
     model.compile(optimizer=arm.optimizer(), loss=arm.loss())
     curves = TestCurves(dataset.x_test, dataset.y_test)

@@ -109,6 +109,44 @@ class LoadDatasetTest(unittest.TestCase):
         self.assertEqual(len(small.x_test), len(digits.x_test))
 
 
+class LabelledSubsetTest(unittest.TestCase):
+    def test_stratified_every_class_and_fraction_respected(self):
+        labels = np.repeat(np.arange(5), [100, 120, 80, 3, 97])
+        for fraction in (0.01, 0.05, 0.2, 1.0):
+            index = data.labelled_indices(labels, fraction, seed=3)
+            self.assertEqual(len(np.unique(index)), len(index))
+            counts = np.bincount(labels[index], minlength=5)
+            self.assertTrue(np.all(counts >= 1))
+            for label, total in enumerate(np.bincount(labels)):
+                self.assertEqual(counts[label],
+                                 max(1, int(round(fraction * total))))
+        np.testing.assert_array_equal(
+            data.labelled_indices(labels, 0.05, seed=3),
+            data.labelled_indices(labels, 0.05, seed=3))
+        self.assertFalse(np.array_equal(
+            data.labelled_indices(labels, 0.05, seed=3),
+            data.labelled_indices(labels, 0.05, seed=4)))
+        for bad in (0.0, -0.1, 1.5):
+            with self.assertRaisesRegex(ValueError, "fraction"):
+                data.labelled_indices(labels, bad, seed=0)
+
+    def test_labelled_subset_keeps_the_test_split(self):
+        digits = data.load_digits()
+        small = data.labelled_subset(digits, 0.05, seed=0)
+        self.assertEqual(len(small.x_train), 60)  # 6 of every digit
+        self.assertEqual(len(small.x_test), len(digits.x_test))
+
+    def test_class_split_relabels(self):
+        digits = data.load_digits()
+        target = data.class_split(digits, (5, 6, 7, 8, 9))
+        self.assertEqual(target.num_classes, 5)
+        self.assertEqual(sorted(np.unique(target.y_test)), list(range(5)))
+        np.testing.assert_array_equal(
+            target.x_test, digits.x_test[digits.y_test >= 5])
+        np.testing.assert_array_equal(
+            target.y_train, digits.y_train[digits.y_train >= 5] - 5)
+
+
 class TfdsTest(unittest.TestCase):
     def setUp(self):
         self.tfds = pytest.importorskip("tensorflow_datasets")

@@ -99,3 +99,75 @@ class ReportTest(unittest.TestCase):
         self.assertTrue(first.startswith(os.path.join(
             "walkthrough_output", "run-")))
         self.assertEqual(parse_args(["--output", "x"]).output, "x")
+
+
+class LabelsExperimentTest(unittest.TestCase):
+    """The "too little labelled data" experiment on a tiny budget."""
+
+    def setUp(self):
+        from kreg.walkthrough import data
+        from kreg.walkthrough import experiments
+
+        self.experiment = experiments.labels(
+            data.load_digits(), quick=True, epochs=2, source_epochs=1,
+            pretrain_epochs=1)
+
+    def test_target_task_arms_and_head_only_base(self):
+        from kreg.walkthrough import data
+        from kreg.walkthrough import experiments
+
+        # Building the arms trains nothing.
+        experiment = experiments.labels(data.load_digits())
+        self.assertEqual(experiment.dataset.num_classes, 5)
+        self.assertEqual(len(experiment.arms), 12)
+        self.assertEqual(
+            {(a.factors["method"], a.factors["label_fraction"])
+             for a in experiment.arms},
+            {(m, f) for m in ("from scratch", "transfer, head only",
+                              "transfer, head then unfreeze (FineTuning)",
+                              "unsupervised pretraining (pretrain_layerwise)"
+                              ", then supervised")
+             for f in (0.01, 0.05, 0.2)})
+        # The tiny budget's (1 source epoch) head-only arm at 1 %.
+        head_only = next(a for a in self.experiment.arms
+                         if a.factors["method"] == "transfer, head only")
+        subset = head_only.train_data(0, self.experiment.dataset)
+        self.assertEqual(len(subset.x_train), 5)  # one image per class
+        model = head_only.build(0, subset)
+        self.assertFalse(model.get_layer("base").trainable)
+        self.assertEqual(len(model.trainable_weights), 2)  # the head
+        self.assertEqual(model.output_shape, (None, 5))
+
+    def test_too_few_classes_is_not_applicable(self):
+        from kreg.walkthrough import data
+        from kreg.walkthrough import experiments
+
+        with self.assertRaisesRegex(experiments.NotApplicable,
+                                    "breast_cancer has 2"):
+            experiments.labels(data.load_breast_cancer(), quick=True)
+
+    def test_quick_run_writes_rows_and_plot(self):
+        import matplotlib.image
+
+        from kreg.walkthrough import experiments
+        from kreg.walkthrough import report
+        from kreg.walkthrough.runner import run_experiment
+
+        experiment = run_experiment(self.experiment, [0])
+        experiment.notes += experiments.label_fraction_notes(experiment)
+        lines = report.table_lines(experiment)
+        # --quick: 4 methods x 2 label fractions (1 and 20 %).
+        self.assertEqual(len(lines), 2 + 8)
+        for arm, line in zip(experiment.arms, lines[2:]):
+            self.assertTrue(line.startswith(f"| {arm.name} |"))
+        self.assertEqual(len(experiment.notes), 2)
+        for run in experiment.results:
+            self.assertEqual(run.epochs, 2)
+            self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
+        with tempfile.TemporaryDirectory() as folder:
+            name = report.plot_label_fractions(experiment, folder)
+            self.assertEqual(name, "labels.png")
+            image = matplotlib.image.imread(os.path.join(folder, name))
+        self.assertGreater(image.shape[0], 100)
+        self.assertGreater(
+            len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)), 20)
