@@ -1,5 +1,7 @@
 """FineTuning: train a pre-trained base frozen, then unfrozen from the top."""
 
+import warnings
+
 import keras
 
 from kreg.callbacks import _registry as registry
@@ -107,7 +109,7 @@ class FineTuning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._backup_folder = registry.backup_folder(self, None)
-        self._resumed = self._backup_folder is None
+        self._resumed = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._set_stage(self.unfrozen_blocks(epoch), rebuild=True)
@@ -115,6 +117,15 @@ class FineTuning(keras.callbacks.Callback):
             # The base's optimizer state of an interrupted fit (the model's
             # own optimizer is in Keras's backup).
             self._resumed = True
+            if self._backup_folder is None:
+                if epoch > self.freeze_epochs:
+                    warnings.warn(
+                        f"FineTuning: training starts at epoch {epoch} "
+                        "(resumed?) with the base unfrozen, but without a "
+                        "kreg.callbacks.BackupAndRestore: the base's "
+                        "optimizer state (moments, step count) starts over.",
+                        stacklevel=2)
+                return
             saved = state_files.resume_state(self._backup_folder,
                                              _STATE_NAME, epoch)
             if saved is not None:

@@ -142,6 +142,17 @@ class FineTuningTest(TestCase):
         for path, value in reference.items():
             self.assertAllClose(resumed[path], value, atol=1e-5)
 
+    def test_resumed_without_a_kreg_backup_warns(self):
+        base, model = make_model()
+        with self.assertWarnsRegex(UserWarning, "epoch 2.*starts over"):
+            model.fit(X, Y, batch_size=8, epochs=3, initial_epoch=2,
+                      verbose=0, callbacks=[FineTuning(base)])
+        base, model = make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.fit(X, Y, batch_size=8, epochs=1, verbose=0,
+                      callbacks=[FineTuning(base)])
+
     def test_ema_and_gradient_monitor_in_every_stage(self):
         base, model = make_model()
         ema, monitor = EMA(decay=0.9), GradientMonitor(frequency=1)
