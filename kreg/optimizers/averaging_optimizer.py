@@ -80,8 +80,7 @@ class AveragingOptimizer(OptimizerWrapper):
         """The shadows of `variables` (all, or those trainable now)."""
         if len(variables) == len(self.shadows):
             return tuple(self.shadows)
-        index = {id(v): i for i, v in enumerate(self.built_variables)}
-        return tuple(self.shadows[index[id(v)]] for v in variables)
+        return tuple(self.shadows[i] for i in self.positions(variables))
 
     def _average(self, variables, weights, stepped):
         rate, count = self._rate(stepped)

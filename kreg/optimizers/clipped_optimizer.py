@@ -380,8 +380,7 @@ class ClippedOptimizer(OptimizerWrapper):
         trained = self.trained_variables()
         if num_grads != len(trained):
             return None
-        index = {id(v): i for i, v in enumerate(self.built_variables)}
-        positions = np.array([[index[id(v)]] for v in trained], "int32")
+        positions = np.array([[i] for i in self.positions(trained)], "int32")
         return ops.scatter(positions, ops.cast(norms, "float32"), (size,))
 
     def _lets_inner_skip(self):

@@ -68,6 +68,11 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         those of a step (`kreg.callbacks.FineTuning` freezes some)."""
         return [v for v in self.built_variables if v.trainable]
 
+    def positions(self, variables):
+        """The places of `variables` in the list it was built with."""
+        index = {id(v): i for i, v in enumerate(self.built_variables)}
+        return [index[id(v)] for v in variables]
+
     @property
     def learning_rate(self):
         return self.inner_optimizer.learning_rate

@@ -149,7 +149,7 @@ class FineTuningTest(TestCase):
                       verbose=0, callbacks=[FineTuning(base)])
         base, model = make_model()
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.filterwarnings("error", message="FineTuning")
             model.fit(X, Y, batch_size=8, epochs=1, verbose=0,
                       callbacks=[FineTuning(base)])
 
