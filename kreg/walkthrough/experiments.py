@@ -486,7 +486,7 @@ def dropout_paper(dataset, quick=False):
         Arm(names[1], recipe, optimizer=adam),
         Arm(names[2], recipe, optimizer=adam, loss=smoothed, callbacks=ema),
     ]
-    shape = " x ".join(str(w) for w in width)
+    shape = f"{len(width)} x {width[0]}"
     paper = list(PAPER_MNIST_ERRORS.values())
     return Experiment(
         key="dropout_paper",
