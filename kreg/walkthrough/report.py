@@ -17,6 +17,8 @@ def _cell(row, key, digits):
 
 def table_lines(experiment):
     """The experiment's results as Markdown table lines."""
+    if experiment.references:
+        return _reference_table_lines(experiment)
     lines = [
         "| arm | test accuracy | test loss | test ECE | epochs "
         "| time per run |",
@@ -28,6 +30,30 @@ def table_lines(experiment):
             f"| {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} "
             f"| {_cell(row, 'loss', 4)} | {_cell(row, 'ece', 4)} "
             f"| {row['epochs']:.1f} | {row['seconds']:.1f} s |"
+        )
+    return lines
+
+
+def _duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _reference_table_lines(experiment):
+    """Test error (%) beside the published figure, with CPU and wall time."""
+    lines = [
+        "| arm | test error (%) | published test error | test loss "
+        "| test ECE | epochs | CPU time per run | wall time per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summarize(experiment):
+        error = 100 * (1 - row["accuracy_mean"])
+        lines.append(
+            f"| {row['arm']} "
+            f"| {error:.2f} ± {100 * row['accuracy_std']:.2f} "
+            f"| {experiment.references.get(row['arm'], '')} "
+            f"| {_cell(row, 'loss', 4)} | {_cell(row, 'ece', 4)} "
+            f"| {row['epochs']:.1f} | {_duration(row['cpu_seconds'])} "
+            f"| {_duration(row['seconds'])} |"
         )
     return lines
 
@@ -283,6 +309,50 @@ def plot_label_fractions(experiment, folder):
     axis.set_title(f"{experiment.title}\n({seeds} seeds, "
                    f"{experiment.epochs} supervised epochs per arm)",
                    fontsize=10)
+    figure.tight_layout()
+    name = f"{experiment.key}.png"
+    figure.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(figure)
+    return name
+
+
+def plot_error_curves(experiment, folder, references=None):
+    """Test error (%) per epoch and against the run's CPU minutes, per arm
+    (mean over seeds, log scale), with `references` ({label: error %})
+    drawn as dotted lines; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ax_epoch, ax_cpu) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for arm in experiment.arms:
+        runs = [r for r in experiment.results if r.arm == arm.name]
+        accuracy = _mean_curve(runs, "test_accuracy")
+        if accuracy is None:
+            continue
+        error = 100 * (1 - accuracy)
+        colour = _arm_colour(experiment, arm)
+        ax_epoch.plot(np.arange(1, len(error) + 1), error, color=colour,
+                      label=arm.name)
+        cpu = _mean_curve(runs, "cpu_seconds")
+        if cpu is not None:
+            count = min(len(cpu), len(error))
+            ax_cpu.plot(cpu[:count] / 60, error[:count], color=colour,
+                        label=arm.name)
+    for index, (label, value) in enumerate((references or {}).items()):
+        for axis in (ax_epoch, ax_cpu):
+            axis.axhline(value, color=f"C{7 + index % 3}", linestyle=":",
+                         label=f"paper: {label} ({value:.2f} %)"
+                         if axis is ax_epoch else None)
+    for axis in (ax_epoch, ax_cpu):
+        axis.set_yscale("log")
+        axis.set_ylabel("test error (%)")
+        axis.grid(True, which="both", alpha=0.3)
+    ax_epoch.set_xlabel("epoch")
+    ax_cpu.set_xlabel("CPU minutes into the run (user + system)")
+    ax_epoch.legend(fontsize=7)
+    figure.suptitle(experiment.title)
     figure.tight_layout()
     name = f"{experiment.key}.png"
     figure.savefig(os.path.join(folder, name), dpi=100)

@@ -6,7 +6,8 @@ the same data, seeds, epoch budget and batch size; what is measured is the
 test accuracy and the test cross-entropy (always against the plain labels,
 so arms that change the training loss, like label smoothing, are scored
 alike), the expected calibration error, the epochs actually run, the wall
-time and per-epoch curves.
+time, the process CPU time (user + system, all threads) and per-epoch
+curves.
 """
 
 import dataclasses
@@ -106,6 +107,7 @@ class RunResult:
     seconds: float
     curves: dict  # name -> list of per-epoch values
     extras: dict = dataclasses.field(default_factory=dict)
+    cpu_seconds: float = 0.0  # process CPU time (user + system) of the run
 
 
 class TestCurves(keras.callbacks.Callback):
@@ -115,10 +117,14 @@ class TestCurves(keras.callbacks.Callback):
     For plotting only: no training decision reads these numbers.
     """
 
-    def __init__(self, x_test, y_test):
+    def __init__(self, x_test, y_test, cpu_start=None):
         super().__init__()
         self.x_test, self.y_test = x_test, y_test
         self.loss, self.accuracy = [], []
+        # Process CPU seconds since `cpu_start` at the end of every epoch.
+        self.cpu_start = (time.process_time() if cpu_start is None
+                          else cpu_start)
+        self.cpu = []
 
     def on_epoch_end(self, epoch, logs=None):
         # Direct calls: `predict` costs a data pipeline per call.
@@ -129,6 +135,7 @@ class TestCurves(keras.callbacks.Callback):
         loss, accuracy = cross_entropy_and_accuracy(logits, self.y_test)
         self.loss.append(loss)
         self.accuracy.append(accuracy)
+        self.cpu.append(time.process_time() - self.cpu_start)
 
 
 def plain_fit(model, dataset, epochs, batch_size, callbacks):
@@ -145,9 +152,10 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     start = time.perf_counter()
     if arm.train_data is not None:
         dataset = arm.train_data(seed, dataset)
+    cpu_start = time.process_time()
     model = arm.build(seed, dataset)
     model.compile(optimizer=arm.optimizer(), loss=arm.loss())
-    curves = TestCurves(dataset.x_test, dataset.y_test)
+    curves = TestCurves(dataset.x_test, dataset.y_test, cpu_start)
     fit = arm.fit or plain_fit
     arm_callbacks = list(arm.callbacks(seed, dataset))
     history = fit(model, dataset, epochs, batch_size,
@@ -167,10 +175,12 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
         test_accuracy=test_accuracy,
         test_ece=expected_calibration_error(bins), epochs=len(train_loss),
         seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
         curves={
             "train_loss": train_loss,
             "test_loss": curves.loss,
             "test_accuracy": curves.accuracy,
+            "cpu_seconds": curves.cpu,
             "phase": phases,
         },
         extras={"calibration_bins": bins,
@@ -191,6 +201,9 @@ class Experiment:
     batch_size: int = 32
     results: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    # Arm name -> a published figure to print beside the arm's test error
+    # (an experiment with references gets the error and CPU-time columns).
+    references: dict = dataclasses.field(default_factory=dict)
 
     @property
     def runs(self):
@@ -229,6 +242,7 @@ def summarize(experiment):
             **row,
             "epochs": np.mean([r.epochs for r in runs]),
             "seconds": np.mean([r.seconds for r in runs]),
+            "cpu_seconds": np.mean([r.cpu_seconds for r in runs]),
             "seeds": len(runs),
         })
     return rows

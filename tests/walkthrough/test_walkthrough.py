@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
+from kreg.walkthrough.__main__ import DEFAULT_EXPERIMENTS  # noqa: E402
 from kreg.walkthrough.__main__ import EXPERIMENTS  # noqa: E402
 from kreg.walkthrough.__main__ import main  # noqa: E402
 from kreg.walkthrough.__main__ import parse_args  # noqa: E402
@@ -19,7 +20,8 @@ class QuickRunTest(unittest.TestCase):
 
         with tempfile.TemporaryDirectory() as folder:
             written = main(["--quick", "--seeds", "1", "--output", folder])
-            self.assertEqual([e.key for e, _ in written], list(EXPERIMENTS))
+            self.assertEqual([e.key for e, _ in written],
+                             DEFAULT_EXPERIMENTS)
             with open(os.path.join(folder, "results.md")) as f:
                 markdown = f.read()
             for experiment, plots in written:
@@ -57,7 +59,11 @@ class ArgumentsTest(unittest.TestCase):
     def test_defaults_and_errors(self):
         args = parse_args([])
         self.assertEqual(args.seeds, 3)
-        self.assertEqual(args.experiments, list(EXPERIMENTS))
+        self.assertEqual(args.experiments, DEFAULT_EXPERIMENTS)
+        self.assertNotIn("dropout_paper", DEFAULT_EXPERIMENTS)
+        self.assertEqual(
+            parse_args(["--experiments", "dropout_paper"]).experiments,
+            ["dropout_paper"])
         self.assertEqual(parse_args(["--quick"]).seeds, 2)
         with self.assertRaises(SystemExit):
             parse_args(["--experiments", "nope"])
@@ -171,3 +177,54 @@ class LabelsExperimentTest(unittest.TestCase):
         self.assertGreater(image.shape[0], 100)
         self.assertGreater(
             len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)), 20)
+class DropoutPaperTest(unittest.TestCase):
+    def test_quick_run_prints_errors_beside_the_paper(self):
+        from kreg.walkthrough import experiments
+
+        with tempfile.TemporaryDirectory() as folder:
+            written = main(["--quick", "--seeds", "1", "--experiments",
+                            "dropout_paper", "--output", folder])
+            with open(os.path.join(folder, "results.md")) as f:
+                markdown = f.read()
+            (experiment, plots), = written
+            self.assertEqual(plots, ["dropout_paper.png"])
+            self.assertTrue(os.path.getsize(os.path.join(folder, plots[0])))
+        self.assertEqual(len(experiment.arms), 3)
+        self.assertIn("| test error (%) | published test error |", markdown)
+        for arm in experiment.arms:
+            self.assertIn(f"| {arm.name} |", markdown)
+        self.assertIn("1.60 % (standard neural net)", markdown)
+        self.assertIn("1.06 % (dropout + max-norm)", markdown)
+        self.assertEqual(len(experiment.notes), 3)
+        for run in experiment.results:
+            self.assertEqual(run.epochs, experiment.epochs)
+            self.assertEqual(len(run.curves["cpu_seconds"]), run.epochs)
+            self.assertGreater(run.cpu_seconds, 0.0)
+            self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
+        # The recipe's layers: dropout 0.2 / 0.5 and max-norm kernels.
+        model = experiment.arms[1].build(0, experiment.dataset)
+        import kreg
+        rates = [layer.rate for layer in model.layers
+                 if isinstance(layer, kreg.layers.Dropout)]
+        self.assertEqual(rates, [0.2, 0.5, 0.5])
+        import keras
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.Dense):
+                self.assertIsInstance(layer.kernel_constraint,
+                                      keras.constraints.MaxNorm)
+        self.assertEqual(experiments.PAPER_MNIST_ERRORS[
+            "dropout NN (ReLU)"], 1.25)
+
+    def test_unit_range_bounds_the_inputs(self):
+        from kreg.walkthrough import experiments
+        from kreg.walkthrough.data import Dataset
+
+        x_train = np.array([[0.0, 5.0, 1.0], [2.0, 5.0, 3.0]], "float32")
+        x_test = np.array([[4.0, 5.0, 2.0], [-1.0, 7.0, 1.0]], "float32")
+        data = experiments._unit_range(Dataset(
+            "toy", x_train, np.array([0, 1]), x_test, np.array([0, 1]), 2,
+            "toy"))
+        np.testing.assert_allclose(data.x_train,
+                                   [[0, 0, 0], [1, 0, 1]])
+        np.testing.assert_allclose(data.x_test,
+                                   [[1, 0, 0.5], [0, 1, 0]])
