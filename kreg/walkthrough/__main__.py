@@ -55,7 +55,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="small budgets: a smoke run in under 2 minutes")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per arm (default 3, --quick 2)")
+                        help="seeds per arm (default 3, --quick 1)")
     parser.add_argument(
         "--experiments", default=",".join(DEFAULT_EXPERIMENTS),
         help=f"comma-separated subset of: {', '.join(EXPERIMENTS)} "
@@ -73,7 +73,7 @@ def parse_args(argv):
         args.output = os.path.join(
             "walkthrough_output", time.strftime("run-%Y%m%d-%H%M%S"))
     if args.seeds is None:
-        args.seeds = 2 if args.quick else 3
+        args.seeds = 1 if args.quick else 3
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     return args

@@ -64,7 +64,7 @@ class ArgumentsTest(unittest.TestCase):
         self.assertEqual(
             parse_args(["--experiments", "dropout_paper"]).experiments,
             ["dropout_paper"])
-        self.assertEqual(parse_args(["--quick"]).seeds, 2)
+        self.assertEqual(parse_args(["--quick"]).seeds, 1)
         with self.assertRaises(SystemExit):
             parse_args(["--experiments", "nope"])
         with self.assertRaises(SystemExit):
