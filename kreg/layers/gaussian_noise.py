@@ -3,7 +3,7 @@
 import keras
 
 from kreg.layers.dropout import _builds_at_init
-from kreg.layers.dropout import _ReplicaSeedGenerator
+from kreg.utils.distribute import ReplicaSeedGenerator
 from kreg.utils.validation import check_number
 from kreg.utils.validation import check_optional_seed
 
@@ -42,7 +42,7 @@ class GaussianNoise(keras.layers.Layer):
         self.stddev = check_number("stddev", stddev, 0.0, float("inf"),
                                    high_inclusive=False)
         self.seed = check_optional_seed("seed", seed)
-        self.seed_generator = _ReplicaSeedGenerator(self.seed)
+        self.seed_generator = ReplicaSeedGenerator(self.seed)
         self.supports_masking = True
         if _builds_at_init(self):
             self.built = True

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kreg.utils.distribute import ReplicaSeedGenerator
 from kreg.utils.validation import check_integer, check_one_of
 from kreg.utils.validation import check_optional_seed
 
@@ -79,7 +80,8 @@ class Ensemble(keras.Model):
         self.seed = check_optional_seed("seed", seed)
         self.members = _make_members(members, num_members)
         self.num_members = len(self.members)
-        self.seed_generator = (keras.random.SeedGenerator(seed)
+        # Under tf.distribute each replica draws its own bootstrap weights.
+        self.seed_generator = (ReplicaSeedGenerator(seed)
                                if mode == "bootstrap" else None)
 
     def build(self, input_shape):

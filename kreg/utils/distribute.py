@@ -46,6 +46,36 @@ def all_reduce_sum(tensors):
     return list(tensors)
 
 
+class ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A `keras.random.SeedGenerator` whose seeds differ between replicas.
+
+    Under `tf.distribute.MirroredStrategy` and
+    `MultiWorkerMirroredStrategy` every replica reads the same seed state, so
+    a plain generator gives every replica the same noise for its share of
+    the batch. Inside a step with several replicas, the seed drawn here is
+    folded with the replica's id (`tf.random.experimental.stateless_fold_in`,
+    the id being `replica_id_in_sync_group`, unique over all workers).
+    Elsewhere (one device, JAX, PyTorch) it is the plain generator's seed.
+    JAX's `keras.distribution` needs no folding: it draws the noise of the
+    whole global batch at once.
+    """
+
+    def next(self, ordered=True):
+        seed = super().next(ordered=ordered)
+        if keras.backend.backend() != "tensorflow":
+            return seed
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return seed
+        # int32, as Keras's TensorFlow random ops map the int64 state (XLA
+        # takes int32 seeds only).
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")
+        replica = tf.cast(context.replica_id_in_sync_group, "int32")
+        return tf.random.experimental.stateless_fold_in(seed, replica)
+
+
 # Which worker writes shared files -------------------------------------------
 def _tf_config_task():
     """``(task type, index, has a chief)`` from the ``TF_CONFIG`` environment
