@@ -128,10 +128,19 @@ class FineTuning(keras.callbacks.Callback):
                 return
             saved = state_files.resume_state(self._backup_folder,
                                              _STATE_NAME, epoch)
-            if saved is not None:
-                for variable, value in zip(
-                        self._base_optimizer().variables, saved[1]):
-                    variable.assign(value)
+            if saved is None:
+                return
+            variables = self._base_optimizer().variables
+            if len(saved[1]) != len(variables):
+                path = state_files.state_path(self._backup_folder,
+                                              _STATE_NAME)
+                raise ValueError(
+                    f"The FineTuning state in {path!r} holds "
+                    f"{len(saved[1])} optimizer values but the base's "
+                    f"optimizer has {len(variables)}: it belongs to another "
+                    "model. Delete it to resume without it.")
+            for variable, value in zip(variables, saved[1]):
+                variable.assign(value)
 
     def on_epoch_end(self, epoch, logs=None):
         if self._backup_folder is not None:

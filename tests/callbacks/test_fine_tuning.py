@@ -142,6 +142,22 @@ class FineTuningTest(TestCase):
         for path, value in reference.items():
             self.assertAllClose(resumed[path], value, atol=1e-5)
 
+    def test_a_state_of_another_model_is_refused_naming_the_file(self):
+        folder = tempfile.mkdtemp()
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            base, model = make_model()
+            model.fit(X, Y, batch_size=8, epochs=4, verbose=0, callbacks=[
+                FineTuning(base), BackupAndRestore(folder), Interrupt(2)])
+        # Batch normalization trained too: more base optimizer values.
+        base, model = make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras's optimizer mismatch
+            with self.assertRaisesRegex(ValueError, "kreg_fine_tuning.npz"):
+                model.fit(X, Y, batch_size=8, epochs=4, verbose=0,
+                          callbacks=[FineTuning(
+                              base, freeze_batch_normalization=False),
+                              BackupAndRestore(folder)])
+
     def test_resumed_without_a_kreg_backup_warns(self):
         base, model = make_model()
         with self.assertWarnsRegex(UserWarning, "epoch 2.*starts over"):
