@@ -8,6 +8,7 @@ from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.fine_tuning_optimizer import FineTuningOptimizer
 from kreg.optimizers.optimizer_wrapper import find_wrapper
+from kreg.optimizers.optimizer_wrapper import install
 from kreg.utils.layers import leaf_layers
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_integer
@@ -215,20 +216,11 @@ class FineTuning(keras.callbacks.Callback):
         trained = list(model.trainable_variables)
         base_ids = {id(v) for block in self._blocks for layer in block
                     for v in layer.trainable_variables}
-        optimizer = FineTuningOptimizer(
-            model.optimizer,
-            [i for i, v in enumerate(trained) if id(v) in base_ids],
-            self.base_learning_rate_factor)
-        strategy = getattr(model, "distribute_strategy", None)
-        if strategy is not None:
-            with strategy.scope():
-                optimizer.build(trained)
-        else:
-            optimizer.build(trained)
-        # Checkpoints hold the compiled optimizer's state, as without the
-        # wrapper; the base's is in the backup folder's state file.
-        optimizer.saves_inner_state_only = True
-        model.optimizer = optimizer
+        indices = [i for i, v in enumerate(trained) if id(v) in base_ids]
+        install(model, FineTuningOptimizer, lambda optimizer: (
+            FineTuningOptimizer(optimizer, indices,
+                                self.base_learning_rate_factor)),
+            var_list=trained)
         self.stage = None
 
     def get_config(self):

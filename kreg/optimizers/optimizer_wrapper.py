@@ -129,10 +129,11 @@ def find_wrapper(optimizer, cls):
     return None
 
 
-def install(model, cls, make):
+def install(model, cls, make, var_list=None):
     """The `cls` wrapper in `model`'s optimizer chain; if there is none,
-    ``make(model.optimizer)`` becomes the model's optimizer, built, and
-    the model's train function is rebuilt around it."""
+    ``make(model.optimizer)`` becomes the model's optimizer, built on
+    `var_list` (default: the weights the optimizer may train), and the
+    model's train function is rebuilt around it."""
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         raise ValueError(
@@ -144,8 +145,9 @@ def install(model, cls, make):
         return found
     # Every weight a wrapper inside may train (not only the trainable ones
     # of the moment).
-    var_list = getattr(optimizer, "built_variables",
-                       model.trainable_variables)
+    if var_list is None:
+        var_list = getattr(optimizer, "built_variables",
+                           model.trainable_variables)
     strategy = getattr(model, "distribute_strategy", None)
     with (strategy.scope() if strategy is not None
           else contextlib.nullcontext()):
