@@ -1,13 +1,13 @@
 """Monte-Carlo dropout prediction: the mean and spread of T stochastic passes."""
 
 import contextlib
-import numbers
 
 import keras
 import numpy as np
 
 from kreg.layers.dropout import Dropout
 from kreg.utils.layers import walk_layers
+from kreg.utils.validation import check_integer
 
 
 def mc_sampling(model):
@@ -119,10 +119,9 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
         Model Uncertainty in Deep Learning", ICML 2016.
     """
     _check_model(model)
-    num_samples = _check_int("num_samples", num_samples, 2, ">= 2")
-    if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1,
-                                "> 0, or None")
+    num_samples = check_integer("num_samples", num_samples, low=2)
+    batch_size = check_integer("batch_size", batch_size, low=1,
+                               allow_none=True)
     batches = _batches(x, batch_size)
     sampling = mc_sampling(model)
     samples = []
@@ -187,19 +186,6 @@ def _to_numpy(value):
         if hasattr(value, "detach"):  # torch
             return value.detach().cpu().numpy()
         return np.asarray(value)
-
-
-def _check_int(name, value, low, expectation):
-    """Returns `value` as an int (NumPy integers included) >= `low`."""
-    message = (
-        f"Invalid value received for argument `{name}`. Expected an int "
-        f"{expectation}. Received: {name}={value!r}"
-    )
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(message)
-    if value < low:
-        raise ValueError(message)
-    return int(value)
 
 
 def _count_examples(x):
