@@ -5,26 +5,19 @@ access lives here (or is named here with its module), with the reason and
 the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
 3.15.1. None of it is on the per-step path.
 
-1. ``model._initial_epoch`` (`forget_resumed_epoch`, below): Keras's
-   ``BackupAndRestore`` resumes a ``fit`` by setting it, and nothing resets
-   it, so every later ``fit`` of the model would skip as many epochs.
-   kreg's ``BackupAndRestore`` and ``RetrainOnFullData`` clear it.
-2. ``Optimizer._variables``, ``_iterations``, ``_learning_rate`` in
-   ``ClippedOptimizer.__init__`` (kreg/optimizers/clipped_optimizer.py):
-   the base class creates an iteration counter and a learning rate that
-   the wrapper never uses (both are the inner optimizer's); they are taken
-   out of its variables, so that they are not saved nor passed through
-   JAX's train step. ``LossScaleOptimizer`` keeps them.
-3. ``Optimizer._trainable_variables`` in ``ClippedOptimizer.apply`` (when
-   ``apply`` gets no variables, as Keras's own optimizers allow) and in
-   ``GradientMonitor`` (the order of the per-variable gradient norms):
-   the variables the optimizer was built with have no public accessor.
-4. ``Metric._direction = "down"`` in ``BrierScore`` and
+1. ``model._initial_epoch`` (`forget_resumed_epoch` and
+   `skip_epochs_of_fit`, below): Keras's ``BackupAndRestore`` resumes a
+   ``fit`` by setting it after ``on_train_begin``, and nothing resets it,
+   so every later ``fit`` of the model would skip as many epochs. kreg's
+   ``BackupAndRestore`` and ``RetrainOnFullData`` clear it;
+   ``RetrainOnFullData`` sets it to skip the epochs of a finished first
+   phase when a resumed ``fit`` goes straight to the second.
+2. ``Metric._direction = "down"`` in ``BrierScore`` and
    ``ExpectedCalibrationError`` (kreg/metrics/): how a Keras metric tells
    ``EarlyStopping(mode="auto")`` and ``ModelCheckpoint`` that lower is
    better (Keras's own metrics set it in their ``__init__``); without it
    ``mode="auto"`` on ``val_ece`` raises.
-5. The `keras.callbacks.CallbackList` that calls a callback's hook
+3. The `keras.callbacks.CallbackList` that calls a callback's hook
    (`calling_callback_list`, below), found as ``self`` of a calling frame:
    Keras tells a callback nothing about the others in its ``fit``.
    ``GradientMonitor.on_train_begin`` uses it (read only) to warn when a
@@ -45,9 +38,15 @@ def forget_resumed_epoch(model):
         model._initial_epoch = None
 
 
+def skip_epochs_of_fit(model, epochs):
+    """Makes the ``fit`` that is starting begin at epoch `epochs` (see 1.
+    above)."""
+    model._initial_epoch = epochs
+
+
 def calling_callback_list(max_depth=8):
     """The `keras.callbacks.CallbackList` whose method called the caller
-    (a callback hook), or None (see 5. above)."""
+    (a callback hook), or None (see 3. above)."""
     frame = inspect.currentframe()
     try:
         frame = frame.f_back.f_back if frame is not None else None

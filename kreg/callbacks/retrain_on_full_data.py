@@ -343,9 +343,8 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._phase2_files = {} if self._folder is None else (
                 state_files.read_folder(
                     os.path.join(self._folder, _PHASE2_FOLDER)))
-            # How Keras's BackupAndRestore resumes a fit at an epoch (a
-            # private attribute Keras reads after on_train_begin).
-            self.model._initial_epoch = self.params["epochs"]
+            keras_private.skip_epochs_of_fit(self.model,
+                                             self.params["epochs"])
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._plan is not None:

@@ -146,13 +146,6 @@ class ClippedOptimizer(OptimizerWrapper):
         # The base class sees no clipping arguments: this wrapper does the
         # clipping itself (the base class would clip per replica).
         super().__init__(optimizer, name=name)
-        # The base class's own `iterations` and `learning_rate` variables
-        # are unused (both come from the inner optimizer): not state
-        # (kreg/_keras_private.py, 2).
-        self._variables[:] = [
-            v for v in self._variables
-            if v is not self._iterations and v is not self._learning_rate
-        ]
         clips = {k: v for k, v in clip_kwargs.items() if v is not None}
         if agc_factor is not None:
             clips["agc_factor"] = agc_factor
@@ -419,7 +412,7 @@ class ClippedOptimizer(OptimizerWrapper):
                     "optimizer must already be built. Call "
                     "`optimizer.build(trainable_variables)` first."
                 )
-            trainable_variables = self._trainable_variables
+            trainable_variables = self.built_variables
         else:
             trainable_variables = list(trainable_variables)
             if not self.built:
@@ -530,8 +523,7 @@ class ClippedOptimizer(OptimizerWrapper):
         trainable_values = [
             ops.convert_to_tensor(v) for v in trainable_variables
         ]
-        own_count = len(self._variables)
-        optimizer_variables[:own_count]
+        own_count = len(self.own_variables)
         inner_values = optimizer_variables[own_count:]
         grads = list(grads)
 
@@ -543,7 +535,7 @@ class ClippedOptimizer(OptimizerWrapper):
             finite = statistics["finite"]
             self._raise_if_not_finite(finite)
             self._record(statistics, len(grads))
-            new_own = [scope.get_current_value(v) for v in self._variables]
+            new_own = [scope.get_current_value(v) for v in self.own_variables]
         inner = self.inner_optimizer
 
         def apply_fn():

@@ -45,6 +45,10 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
                 f"optimizer={optimizer!r}"
             )
         super().__init__(learning_rate=0.0, name=name)
+        # The base class's own step count and learning rate are unused
+        # (both are the inner optimizer's): not state of the wrapper.
+        object.__setattr__(self, "unused_base_variables",
+                           frozenset(id(v) for v in super().variables))
         self.inner_optimizer = optimizer
         self.saves_inner_state_only = False
 
@@ -60,8 +64,14 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         super().build(var_list)
 
     @property
+    def own_variables(self):
+        """The wrapper's own state variables (`build_own`'s)."""
+        return [v for v in super().variables
+                if id(v) not in self.unused_base_variables]
+
+    @property
     def variables(self):
-        return super().variables + self.inner_optimizer.variables
+        return self.own_variables + self.inner_optimizer.variables
 
     def trained_variables(self):
         """The weights it was built with that are trainable now, in order:
