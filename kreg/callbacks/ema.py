@@ -30,36 +30,33 @@ def _numpy(values):
 class EMA(keras.callbacks.Callback):
     """Keeps an exponential moving average of the weights while training.
 
-    When training begins the shadow is ``s_0 = w_0``; after every
-    optimizer step ``t = 1, 2, ...`` that changes the weights::
+    When training begins ``s_0 = w_0``; after every optimizer step
+    ``t = 1, 2, ...`` that changes the weights::
 
         s_t = d_t * s_{t-1} + (1 - d_t) * w_t
 
     with ``d_t = decay`` or, with ``warmup=True`` (timm's ModelEmaV3),
     ``d_t = min(decay, 1 - t ** (-warmup_power))``. The update runs inside
-    the compiled train step, in a `kreg.optimizers.AveragingOptimizer` that
-    the callback puts around the model's optimizer once and leaves there,
-    so that later fits (with a new `EMA` each) reuse the compiled step.
+    the compiled train step, in a `kreg.optimizers.AveragingOptimizer` put
+    once around the model's optimizer, so later fits (with a new `EMA`
+    each) reuse the compiled step.
 
     Validation inside ``fit`` uses the averaged weights, which stay in the
-    model for the epoch-end callbacks (checkpoints, early stopping) and
-    when training ends; ``averaged_weights()`` / ``raw_weights()`` swap
-    them in and out exactly; as a callback of ``predict``/``evaluate`` it
-    swaps them in for that call only. How it works with checkpoints,
-    ``BackupAndRestore``, early stopping and other callbacks:
-    ``docs/callbacks.md``.
+    model for the epoch-end callbacks and when training ends;
+    ``averaged_weights()`` / ``raw_weights()`` swap them in and out
+    exactly. Passed to ``predict``/``evaluate``, it swaps them in for that
+    call only. Checkpoints, ``BackupAndRestore``, early stopping and the
+    order of callbacks: ``docs/callbacks.md``.
 
     Args:
         decay: the decay ``d`` in [0, 1). Defaults to `0.999`.
-        warmup: ramp the decay up as ``1 - t ** (-warmup_power)``. Defaults
-            to `False`.
-        warmup_power: exponent of the warm-up, in (0, inf). Defaults to
-            `2 / 3`.
-        validate_with_averaged: validate with the averaged weights and leave
-            them in the model for the epoch-end callbacks. Defaults to
-            `True`.
-        keep_averaged: leave the averaged weights in the model when training
-            ends. Defaults to `True`.
+        warmup: ramp the decay up as ``1 - t ** (-warmup_power)``.
+            Defaults to `False`.
+        warmup_power: exponent of the warm-up, > 0. Defaults to `2 / 3`.
+        validate_with_averaged: validate with the averaged weights and
+            leave them in for the epoch-end callbacks. Defaults to `True`.
+        keep_averaged: leave the averaged weights in the model when
+            training ends. Defaults to `True`.
         average_non_trainable: also average floating-point non-trainable
             weights (batch-normalization statistics), once per batch.
             Defaults to `False`.
@@ -78,9 +75,8 @@ class EMA(keras.callbacks.Callback):
         raw_predictions = model.predict(x)
     ```
 
-    Reference:
-        Polyak & Juditsky, "Acceleration of stochastic approximation by
-        averaging", SIAM J. Control Optim. 1992.
+    Reference: Polyak & Juditsky, "Acceleration of stochastic
+    approximation by averaging", SIAM J. Control Optim. 1992.
     """
 
     def __init__(self, decay=0.999, warmup=False, warmup_power=2.0 / 3.0,
@@ -100,12 +96,9 @@ class EMA(keras.callbacks.Callback):
             "average_non_trainable", average_non_trainable)
         self.backup_dir = check_optional_path("backup_dir", backup_dir)
         self.resume_from = check_optional_path("resume_from", resume_from)
-        self._optimizer = None  # the AveragingOptimizer in use
-        self._fitted_model = None
-        self._targets = None  # the averaged variables
-        self._shadow = None  # their averages while no epoch runs
-        self._steps = 0
-        self._extra_count = None
+        self._optimizer = self._fitted_model = self._targets = None
+        self._shadow = None  # the averages while no epoch runs
+        self._steps, self._extra_count = 0, None
         self._reset(in_fit=False)
 
     def _reset(self, in_fit):
@@ -206,19 +199,14 @@ class EMA(keras.callbacks.Callback):
     def set_state(self, state):
         """Restores a state produced by `get_state` (after training began)."""
         self._check_started()
-        shadow = list(state["shadow"])
-        if len(shadow) != len(self._targets):
+        shapes = [tuple(np.shape(v)) for v in state["shadow"]]
+        expected = [tuple(t.shape) for t in self._targets]
+        if shapes != expected:
             raise ValueError(
-                f"The state holds {len(shadow)} averaged weights but this "
-                f"model has {len(self._targets)}.")
-        for target, value in zip(self._targets, shadow):
-            if tuple(target.shape) != tuple(np.shape(value)):
-                raise ValueError(
-                    "Shape mismatch restoring the EMA shadow of "
-                    f"{target.path}: {tuple(target.shape)} vs "
-                    f"{tuple(np.shape(value))}.")
+                f"The EMA state holds averages of shapes {shapes}, but the "
+                f"weights this EMA averages have shapes {expected}.")
         self._shadow = [keras.ops.convert_to_tensor(v, t.dtype)
-                        for v, t in zip(shadow, self._targets)]
+                        for v, t in zip(state["shadow"], self._targets)]
         self._steps = int(state["steps"])
         if self._live:
             self._lend_shadow()
@@ -242,8 +230,7 @@ class EMA(keras.callbacks.Callback):
             self.swap_out()  # an interrupted fit left the averages in
         self._optimizer = install(self.model, AveragingOptimizer,
                                   AveragingOptimizer)
-        # Every weight the optimizer may train (kreg.callbacks.FineTuning
-        # freezes some of them for a while).
+        # Every weight the optimizer may train (FineTuning freezes some).
         targets = list(self._optimizer.built_variables)
         known = {id(v) for v in targets}
         if any(id(v) not in known for v in self.model.trainable_variables):
@@ -258,8 +245,7 @@ class EMA(keras.callbacks.Callback):
         self._reset(in_fit=True)
         self._backup_folder = registry.backup_folder(self, self.backup_dir)
         # A checkpoint's state is read now (a bad `resume_from` fails before
-        # training); the backup folder's when the first epoch begins, which
-        # picks the state saved for it.
+        # training); the backup folder's when the first epoch begins.
         self._checkpoint_state = None
         if self.resume_from is not None and not (
                 self._backup_folder is not None
@@ -271,9 +257,7 @@ class EMA(keras.callbacks.Callback):
         if self._epoch_view:
             self._epoch_view = False
             self.swap_out()
-        if not self._started:
-            # After every on_train_begin (BackupAndRestore loads its
-            # weights there): s_0 = w_0, or an interrupted fit's state.
+        if not self._started:  # after BackupAndRestore loaded its weights
             self._started = True
             self._start(epoch)
         self._lend_shadow()
@@ -319,8 +303,7 @@ class EMA(keras.callbacks.Callback):
         if self._epoch_view:
             self._epoch_view = False
             if self._averaged_in_model and not self._shadow_in_model():
-                # Another callback replaced the weights after the epoch
-                # (Keras's EarlyStopping restoring its best): keep them.
+                # Keras's EarlyStopping restored its best: keep them.
                 self._weights_restored_by_early_stopping()
         if self._started and not self._restored_by_early_stopping:
             if self.keep_averaged:
@@ -332,8 +315,7 @@ class EMA(keras.callbacks.Callback):
 
     # Internals -------------------------------------------------------------
     def _raw_values(self):
-        """The raw values of the averaged variables, also while the averaged
-        ones are swapped in."""
+        """The raw values of the averaged variables, also when swapped."""
         if self._averaged_in_model and self._backup is not None:
             return self._backup
         return [v.value for v in self._targets]
@@ -383,12 +365,8 @@ class EMA(keras.callbacks.Callback):
         self._extra_count = steps
         d = self.current_decay(steps)
         count = len(self._optimizer.shadows)
-        current = [v.value for v in self._targets[count:]]
-        if self._averaged_in_model:
-            current = self._backup[count:]
-        self._shadow[count:] = [
-            d * s + (1.0 - d) * v
-            for s, v in zip(self._shadow[count:], current)]
+        self._shadow[count:] = [d * s + (1.0 - d) * v for s, v in zip(
+            self._shadow[count:], self._raw_values()[count:])]
 
     def _start(self, epoch):
         """s_0 = w_0 (or an interrupted fit's state) before step 1."""
@@ -407,15 +385,10 @@ class EMA(keras.callbacks.Callback):
         if saved is None:
             return
         numbers, arrays = saved
-        num_shadow = numbers.get("num_shadow", len(arrays))
-        if num_shadow != len(self._targets):
-            raise ValueError(
-                f"The saved EMA state holds {num_shadow} averaged weights but "
-                f"this model has {len(self._targets)}.")
-        for target, value in zip(self._targets, arrays[num_shadow:]):
+        count = numbers.get("num_shadow", len(arrays))
+        self.set_state({"steps": numbers["steps"], "shadow": arrays[:count]})
+        for target, value in zip(self._targets, arrays[count:]):
             target.assign(value)
-        self.set_state({"steps": numbers["steps"],
-                        "shadow": arrays[:num_shadow]})
 
     def _save_state(self, folder, epoch):
         """Writes the shadow, the raw weights and the step count to `folder`

@@ -13,23 +13,16 @@ class AveragingOptimizer(OptimizerWrapper):
 
     After every step of the inner optimizer that changes the weights (its
     `iterations` moves: not a step skipped by a `LossScaleOptimizer` or a
-    `ClippedOptimizer`, nor an accumulating step of
-    ``gradient_accumulation_steps``), while averaging is switched on::
+    `ClippedOptimizer`, nor an accumulating step), while averaging is on::
 
         s_t = s_{t-1} - (1 - d_t) * (s_{t-1} - w_t)
 
     with ``d_t = decay`` or, with a warm-up power ``p > 0``,
     ``d_t = min(decay, 1 - t ** -p)`` (``t`` counts the averaged steps).
-    The update runs inside the compiled train step on every backend (one
-    fused pass on PyTorch); while averaging is off (``configure(active=
-    False)``) the shadow stays exactly as it is.
-
-    `kreg.callbacks.EMA` installs it around a model's optimizer and keeps
-    it there, so that later fits reuse the compiled train step: the decay,
-    the warm-up and the switch are variables, not constants of the trace.
-    The shadow `shadows` (one variable per trainable weight), the count of
-    averaged steps `count` and these settings are optimizer variables: they
-    are saved with the optimizer.
+    The decay, the warm-up and the on/off switch (`configure`) are
+    variables, so the compiled train step serves every fit. The shadows
+    (`shadows`), the step count (`count`) and the settings are optimizer
+    variables. `kreg.callbacks.EMA` installs it (``docs/callbacks.md``).
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap.

@@ -395,6 +395,33 @@ class EMATest(TestCase):
         for s, e in zip(ema.shadow_variables, expected):
             self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
 
+    def test_get_state_set_state_continue_the_average(self):
+        # A state taken after one fit and set into a new EMA (whose shadow
+        # starts at that fit's end) continues the NumPy trajectory.
+        model = self.model()
+        record = RecordBatchWeights()
+        first = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [record, first], epochs=1, validation=False)
+        state = first.get_state()
+        self.assertEqual(state["steps"], 6)
+        trajectory = list(record.after_batch)
+        initial = record.initial
+
+        class Restore(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                second.set_state(state)
+
+        second = EMA(decay=0.8, keep_averaged=False)
+        self.fit(model, [record, second, Restore()], epochs=1,
+                 validation=False)
+        self.assertEqual(second.steps, 12)
+        expected = numpy_ema(initial, trajectory + record.after_batch, 0.8)
+        for s, e in zip(second.shadow_variables, expected):
+            self.assertAllClose(s, e, atol=1e-5, rtol=1e-5)
+        bad = dict(state, shadow=state["shadow"][:-1])
+        with self.assertRaisesRegex(ValueError, "shapes"):
+            second.set_state(bad)
+
     def test_resume_after_interruption(self):
         model = self.model()
         full = EMA(decay=0.8, keep_averaged=False)
