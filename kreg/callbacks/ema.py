@@ -10,8 +10,8 @@ from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.averaging_optimizer import AveragingOptimizer
 from kreg.optimizers.optimizer_wrapper import install
-from kreg.utils.validation import check_bool, check_number
-from kreg.utils.validation import check_optional_path
+from kreg.utils.validation import (check_bool, check_number,
+                                   check_optional_path)
 
 _STATE_NAME = "kreg_ema"
 
@@ -427,8 +427,6 @@ class EMA(keras.callbacks.Callback):
     def _shares_weights(self):
         """Whether `self.model` holds a weight this EMA averages (the model
         it was fit with, or one sharing its layers)."""
-        if self.model is self._fitted_model:
-            return True
         ids = {id(v) for v in self.model.variables}
         return any(id(t) in ids for t in self._targets)
 
