@@ -5,10 +5,12 @@ access lives here (or is named here with its module), with the reason and
 the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
 3.15.1. None of it is on the per-step path.
 
-1. ``model._initial_epoch`` (`forget_resumed_epoch`, below): Keras's
-   ``BackupAndRestore`` resumes a ``fit`` by setting it, and nothing resets
-   it, so every later ``fit`` of the model would skip as many epochs.
-   kreg's ``BackupAndRestore`` and ``RetrainOnFullData`` clear it.
+1. ``model._initial_epoch`` (`forget_resumed_epoch`, `resume_at_epoch`,
+   below): Keras's ``BackupAndRestore`` resumes a ``fit`` by setting it
+   (read after ``on_train_begin``), and nothing resets it, so every later
+   ``fit`` of the model would skip as many epochs. kreg's
+   ``BackupAndRestore`` and ``RetrainOnFullData`` clear it;
+   ``RetrainOnFullData`` sets it to skip the epochs of a finished phase 1.
 2. ``Optimizer._variables``, ``_iterations``, ``_learning_rate`` in
    ``ClippedOptimizer.__init__`` (kreg/optimizers/clipped_optimizer.py):
    the base class creates an iteration counter and a learning rate that
@@ -43,6 +45,12 @@ def forget_resumed_epoch(model):
     """Clears the epoch a resumed ``fit`` started from (see 1. above)."""
     if getattr(model, "_initial_epoch", None) is not None:
         model._initial_epoch = None
+
+
+def resume_at_epoch(model, epoch):
+    """Makes the running ``fit`` start at `epoch`, as Keras's
+    ``BackupAndRestore`` does from ``on_train_begin`` (see 1. above)."""
+    model._initial_epoch = epoch
 
 
 def calling_callback_list(max_depth=8):
