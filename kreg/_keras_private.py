@@ -6,7 +6,7 @@ the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
 3.15.1. None of it is on the per-step path.
 
 1. ``model._initial_epoch`` (`forget_resumed_epoch` and
-   `skip_epochs_of_fit`, below): Keras's ``BackupAndRestore`` resumes a
+   `resume_at_epoch`, below): Keras's ``BackupAndRestore`` resumes a
    ``fit`` by setting it after ``on_train_begin``, and nothing resets it,
    so every later ``fit`` of the model would skip as many epochs. kreg's
    ``BackupAndRestore`` and ``RetrainOnFullData`` clear it;
@@ -38,10 +38,10 @@ def forget_resumed_epoch(model):
         model._initial_epoch = None
 
 
-def skip_epochs_of_fit(model, epochs):
-    """Makes the ``fit`` that is starting begin at epoch `epochs` (see 1.
-    above)."""
-    model._initial_epoch = epochs
+def resume_at_epoch(model, epoch):
+    """Makes the running ``fit`` start at `epoch`, as Keras's
+    ``BackupAndRestore`` does from ``on_train_begin`` (see 1. above)."""
+    model._initial_epoch = epoch
 
 
 def calling_callback_list(max_depth=8):

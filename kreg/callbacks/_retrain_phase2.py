@@ -1,6 +1,6 @@
-"""RetrainOnFullData's phase 2: the callbacks it adds to phase 2's ``fit``
+"""RetrainOnFullData's phase 2: the callback it adds to phase 2's ``fit``
 (algorithm 7.3's stop, the phase-2 logs), the epoch logs of both phases
-as History rows, and the checks on the full data."""
+as History rows, and the check of the full data."""
 
 import contextlib
 import math
@@ -12,30 +12,17 @@ import numpy as np
 
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
+from kreg.utils.fit_arguments import is_dataset
 
 # In phase 2's backup folder: its epoch logs.
 _PHASE2_LOGS = "kreg_retrain_phase2_logs"
 
 
-class _StopBelow(keras.callbacks.Callback):
-    """Algorithm 7.3's loop condition, checked after every epoch."""
-
-    def __init__(self, target, validation_loss):
-        super().__init__()
-        self.target = target
-        self.validation_loss = validation_loss
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = self.validation_loss()
-        if logs is not None:
-            logs["val_part_loss"] = loss
-        if loss < self.target:
-            self.model.stop_training = True
-
-
 class _Phase2Logs(keras.callbacks.Callback):
     """Keeps phase 2's epoch logs, saved in `folder` (if any) so that a
-    resumed phase 2 still reports the epochs run before the interruption.
+    resumed phase 2 still reports the epochs run before the interruption;
+    with a target loss (algorithm 7.3), stops once the loss on the
+    validation part is below it.
 
     Stands for `owner` in phase 2's ``fit``: a `kreg.callbacks.ModelCheckpoint`
     there writes the phase-2 state beside each file, once this epoch is
@@ -51,9 +38,8 @@ class _Phase2Logs(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         registry.register(self, "retrain_on_full_data")
-        saved = None
-        if self.folder is not None:
-            saved = state_files.load_json(self.folder, _PHASE2_LOGS)
+        saved = None if self.folder is None else state_files.load_json(
+            self.folder, _PHASE2_LOGS)
         self.rows = (list(self.initial_rows) if saved is None
                      else saved["rows"])
         self.first_epoch = None
@@ -68,8 +54,8 @@ class _Phase2Logs(keras.callbacks.Callback):
             resume_at = self.owner._plan["epochs"]
         else:
             resume_at = epoch + 1
-        self.owner._save_phase2_checkpoint_state(folder, resume_at,
-                                                 self.rows[:resume_at])
+        self.owner._save_state(folder, 2, [], phase2={
+            "epoch": resume_at, "rows": self.rows[:resume_at]})
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
@@ -77,6 +63,12 @@ class _Phase2Logs(keras.callbacks.Callback):
             self.rows = _up_to(self.rows, epoch)
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        target = self.owner._plan["target"]
+        if target is not None:
+            logs["val_part_loss"] = self.owner._validation_loss()
+            if logs["val_part_loss"] < target:
+                self.model.stop_training = True
         self.rows.append(_numbers(logs))
         if self.folder is not None:
             state_files.save_json(self.folder, _PHASE2_LOGS,
@@ -117,20 +109,50 @@ def _rows(history):
     ]
 
 
-def _columns(rows):
-    """One list per key (first-seen order), NaN where a row lacks it."""
-    keys = []
-    for _, row in rows:
-        keys += [k for k in row if k not in keys]
-    return {k: [row.get(k, math.nan) for _, row in rows] for k in keys}
-
-
 def _set_rows(history, rows):
-    """Puts ``(epoch, logs)`` rows into a History (its epochs and one list
-    per key); returns it."""
+    """Puts ``(epoch, logs)`` rows into a History: its epochs and one list
+    per key (first-seen order), NaN where a row lacks it; returns it."""
+    keys = list(dict.fromkeys(k for _, row in rows for k in row))
     history.epoch = [epoch for epoch, _ in rows]
-    history.history = _columns(rows)
+    history.history = {k: [row.get(k, math.nan) for _, row in rows]
+                       for k in keys}
     return history
+
+
+def _check_full_data(model, x, y, sample_weight, batch_size):
+    """Fails early on full data that does not fit the model: the input
+    shape of a single input array, then one batch through the test step
+    (through `evaluate`, whose data adapters take any data `fit` takes)."""
+    expected = getattr(model, "input_shape", None)
+    if (not is_dataset(x) and isinstance(expected, tuple)
+            and not isinstance(x, (list, tuple, dict))):
+        got, want = tuple(np.shape(x)[1:]), tuple(expected[1:])
+        if len(got) != len(want) or any(
+                w is not None and w != g for w, g in zip(want, got)):
+            raise ValueError(
+                "RetrainOnFullData: the full data `x` does not match the "
+                f"model's input: samples of shape {got}, the model "
+                f"expects {want}."
+            )
+    size = batch_size or 32
+    if is_dataset(x):
+        batch = {"x": x, "steps": 1}
+    else:
+        batch = {name: keras.tree.map_structure(lambda a: a[:size], data)
+                 for name, data in (("x", x), ("y", y),
+                                    ("sample_weight", sample_weight))
+                 if data is not None}
+        batch["batch_size"] = size
+    try:
+        with _random_state_kept(model):
+            model.evaluate(verbose=0, **batch)
+    except Exception as error:
+        raise ValueError(
+            "RetrainOnFullData: the full data does not fit the model: a "
+            "batch of it fails in the model's test step (is a dataset "
+            "batched, and does it yield (inputs, targets)?): "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 @contextlib.contextmanager
@@ -154,24 +176,3 @@ def _random_state_kept(model):
         random.setstate(python_state)
         if torch_state is not None:
             torch.random.set_rng_state(torch_state)
-
-
-_INFINITE = -1  # tf.data.INFINITE_CARDINALITY
-
-
-def _cardinality(x):
-    """A tf.data.Dataset's number of batches (-1: endless, -2: unknown);
-    None for anything else."""
-    if not hasattr(x, "cardinality"):
-        return None
-    try:
-        return int(x.cardinality())
-    except Exception:
-        return None
-
-
-def _is_dataset(x):
-    return hasattr(x, "element_spec") or (
-        hasattr(x, "__iter__") and not hasattr(x, "shape")
-        and not isinstance(x, (list, tuple, dict, str, bytes))
-    )
