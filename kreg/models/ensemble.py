@@ -99,9 +99,12 @@ class Ensemble(keras.Model):
             batch = ops.shape(keras.tree.flatten(inputs)[0])[0]
             draws = keras.random.uniform((self.num_members, batch),
                                          seed=self.seed_generator)
-            result[BOOTSTRAP_WEIGHTS] = sum(
-                ops.cast(ops.greater(draws, c), "float32")
-                for c in _POISSON_CDF)
+            # K = the number of CDF values below the draw, counted in one
+            # broadcast comparison, shape (k, batch, 12), not one per value.
+            below = ops.greater(ops.expand_dims(draws, -1),
+                                ops.convert_to_tensor(_POISSON_CDF))
+            result[BOOTSTRAP_WEIGHTS] = ops.sum(
+                ops.cast(below, "float32"), axis=-1)
         return result
 
     def combine_outputs(self, outputs):
