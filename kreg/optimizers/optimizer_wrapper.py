@@ -47,7 +47,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         # The base class's own step count and learning rate are unused
         # (both are the inner optimizer's): not state of the wrapper.
-        object.__setattr__(self, "unused_base_variables",
+        object.__setattr__(self, "_unused_base_ids",
                            frozenset(id(v) for v in super().variables))
         self.inner_optimizer = optimizer
         self.saves_inner_state_only = False
@@ -67,7 +67,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     def own_variables(self):
         """The wrapper's own state variables (`build_own`'s)."""
         return [v for v in super().variables
-                if id(v) not in self.unused_base_variables]
+                if id(v) not in self._unused_base_ids]
 
     @property
     def variables(self):
@@ -112,7 +112,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
             self.inner_optimizer.load_own_variables(store)
             return
         unused = len(store.keys()) - len(self.variables)
-        if unused == len(self.unused_base_variables):
+        if unused == len(self._unused_base_ids):
             # A file whose state also holds the base class's unused step
             # count and learning rate (first): they are skipped.
             store = {str(i): store[str(i + unused)]
