@@ -427,6 +427,8 @@ class EMA(keras.callbacks.Callback):
     def _shares_weights(self):
         """Whether `self.model` holds a weight this EMA averages (the model
         it was fit with, or one sharing its layers)."""
+        if self.model is self._fitted_model:
+            return True
         ids = {id(v) for v in self.model.variables}
         return any(id(t) in ids for t in self._targets)
 

@@ -117,9 +117,9 @@ class AveragingOptimizer(OptimizerWrapper):
         self._average(trainable_variables, trainable_variables, stepped)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        own = len(optimizer_variables) - len(self.inner_optimizer.variables)
-        own_values = optimizer_variables[:own]
-        inner_values = optimizer_variables[own:]
+        own_variables = self.own_variables
+        own_values = optimizer_variables[:len(own_variables)]
+        inner_values = optimizer_variables[len(own_variables):]
         inner = self.inner_optimizer
         with keras.StatelessScope(
                 state_mapping=list(zip(inner.variables, inner_values))):
@@ -129,7 +129,6 @@ class AveragingOptimizer(OptimizerWrapper):
         with keras.StatelessScope(
                 state_mapping=list(zip(inner.variables, new_inner))):
             stepped = ops.not_equal(ops.copy(self.iterations), before)
-        own_variables = self.variables[:own]
         with keras.StatelessScope(
                 state_mapping=list(zip(own_variables, own_values))) as scope:
             self._average(self.trained_variables(), new_weights, stepped)
