@@ -9,7 +9,7 @@ import numpy as np
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.averaging_optimizer import AveragingOptimizer
-from kreg.optimizers.optimizer_wrapper import install
+from kreg.optimizers.optimizer_wrapper import install, optimizer_chain
 from kreg.utils.validation import (check_bool, check_number,
                                    check_optional_path)
 
@@ -37,16 +37,12 @@ class EMA(keras.callbacks.Callback):
 
     with ``d_t = decay`` or, with ``warmup=True`` (timm's ModelEmaV3),
     ``d_t = min(decay, 1 - t ** (-warmup_power))``. The update runs inside
-    the compiled train step, in a `kreg.optimizers.AveragingOptimizer` put
-    once around the model's optimizer, so later fits (with a new `EMA`
-    each) reuse the compiled step.
-
-    Validation inside ``fit`` uses the averaged weights, which stay in the
-    model for the epoch-end callbacks and when training ends;
-    ``averaged_weights()`` / ``raw_weights()`` swap them in and out
-    exactly. Passed to ``predict``/``evaluate``, it swaps them in for that
-    call only. Checkpoints, ``BackupAndRestore``, early stopping and the
-    order of callbacks: ``docs/callbacks.md``.
+    the compiled train step (`kreg.optimizers.AveragingOptimizer`), so a
+    new `EMA` in each ``fit`` reuses it. Validation uses the averaged
+    weights, which stay in the model when training ends; passed to
+    ``predict``/``evaluate``, the EMA swaps them in for that call only.
+    Checkpoints, resuming, early stopping and the order of callbacks:
+    ``docs/callbacks.md``.
 
     Args:
         decay: the decay ``d`` in [0, 1). Defaults to `0.999`.
@@ -146,9 +142,8 @@ class EMA(keras.callbacks.Callback):
         if self._averaged_in_model:
             return
         self._sync_extra()
-        shadow = self._shadow_values()
         self._backup = [_copy(v.value) for v in self._targets]
-        for variable, value in zip(self._targets, shadow):
+        for variable, value in zip(self._targets, self._shadow_values()):
             variable.assign(_copy(value))
         self._averaged_in_model = True
 
@@ -156,40 +151,32 @@ class EMA(keras.callbacks.Callback):
         """Puts the raw weights back (no-op if they are in the model)."""
         if not self._averaged_in_model:
             return
-        if self._backup is not None:
-            for variable, value in zip(self._targets, self._backup):
-                variable.assign(value)
-        self._backup = None
-        self._averaged_in_model = False
+        for variable, value in zip(self._targets, self._backup or []):
+            variable.assign(value)
+        self._backup, self._averaged_in_model = None, False
 
-    @contextlib.contextmanager
     def averaged_weights(self):
         """Context manager: averaged weights inside, previous state after."""
-        self._end_interrupted_inference()
-        was_in = self._averaged_in_model
-        self.swap_in()
-        try:
-            yield self
-        finally:
-            if not was_in:
-                self.swap_out()
+        return self._weights_inside(averaged=True)
 
-    @contextlib.contextmanager
     def raw_weights(self):
         """Context manager: raw weights inside, previous state after."""
+        return self._weights_inside(averaged=False)
+
+    @contextlib.contextmanager
+    def _weights_inside(self, averaged):
         self._end_interrupted_inference()
         was_in = self._averaged_in_model
-        if was_in and self._backup is None:
+        if not averaged and was_in and self._backup is None:
             raise ValueError(
                 "The raw weights are no longer available: they were replaced "
                 "after training (e.g. by EarlyStopping(restore_best_weights="
                 "True)).")
-        self.swap_out()
+        (self.swap_in if averaged else self.swap_out)()
         try:
             yield self
         finally:
-            if was_in:
-                self.swap_in()
+            (self.swap_in if was_in else self.swap_out)()
 
     def get_state(self):
         """The step count and shadow values (NumPy), as a dict."""
@@ -380,8 +367,8 @@ class EMA(keras.callbacks.Callback):
             warnings.warn(
                 f"EMA: training starts at epoch {epoch} (resumed?) but no "
                 "saved EMA state was found; the average restarts from the "
-                "current weights. Use kreg.callbacks.BackupAndRestore (or "
-                "pass `backup_dir=`) to resume it.", stacklevel=2)
+                "current weights. Resume it with kreg.callbacks."
+                "BackupAndRestore or `backup_dir=`.", stacklevel=2)
         if saved is None:
             return
         numbers, arrays = saved
@@ -407,8 +394,7 @@ class EMA(keras.callbacks.Callback):
     def _weights_restored_by_early_stopping(self):
         """EarlyStopping put the best (averaged) weights in: keep them."""
         self._restored_by_early_stopping = True
-        self._averaged_in_model = False
-        self._backup = None
+        self._averaged_in_model, self._backup = False, None
 
     def _swap_for_inference(self, wanted):
         if wanted and self._shadow is not None and not self._shares_weights():
@@ -448,21 +434,17 @@ class EMA(keras.callbacks.Callback):
         if len(emas) > 1:
             raise ValueError(
                 "One kreg.callbacks.EMA per `fit`: they would swap their "
-                "averaged weights in and out over each other (validation, "
-                "checkpoints, the end of training). This fit has "
-                f"{len(emas)}, with decays "
-                f"{', '.join(str(e.decay) for e in emas)}.")
+                "averaged weights in and out over each other. This fit has "
+                f"{len(emas)}, with decays {[e.decay for e in emas]}.")
 
     def _check_no_keras_ema(self):
-        optimizer = self.model.optimizer
-        while optimizer is not None:
+        for optimizer in optimizer_chain(self.model.optimizer):
             if getattr(optimizer, "use_ema", False):
                 raise ValueError(
                     "kreg.callbacks.EMA with an optimizer that averages "
                     f"too ({type(optimizer).__name__}(use_ema=True)): the "
                     "weights would be averaged twice. Compile without "
                     "`use_ema`, or drop the EMA callback.")
-            optimizer = getattr(optimizer, "inner_optimizer", None)
 
     def _check_started(self):
         if self._shadow is None and not self._live:

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.utils.distribute import in_tf_strategy
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -19,10 +20,10 @@ class AveragingOptimizer(OptimizerWrapper):
 
     with ``d_t = decay`` or, with a warm-up power ``p > 0``,
     ``d_t = min(decay, 1 - t ** -p)`` (``t`` counts the averaged steps).
-    The decay, the warm-up and the on/off switch (`configure`) are
-    variables, so the compiled train step serves every fit. The shadows
-    (`shadows`), the step count (`count`) and the settings are optimizer
-    variables. `kreg.callbacks.EMA` installs it (``docs/callbacks.md``).
+    The shadows (`shadows`), the step count (`count`) and the settings
+    (`configure`: on/off, decay, warm-up) are optimizer variables, so one
+    compiled train step serves every fit. `kreg.callbacks.EMA` installs it
+    (``docs/callbacks.md``).
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap.
@@ -59,8 +60,7 @@ class AveragingOptimizer(OptimizerWrapper):
         super().finalize_variable_values(var_list)
 
     def _rate(self, stepped):
-        """``1 - d_t`` for a step that changed the weights while averaging
-        is on, else 0; and the new count."""
+        """``1 - d_t`` (0 for a step not averaged), and the new count."""
         active, decay, power = (self.settings[i] for i in range(3))
         go = ops.logical_and(stepped, ops.greater(active, 0.0))
         count = self.count + ops.cast(go, "int32")
@@ -69,32 +69,25 @@ class AveragingOptimizer(OptimizerWrapper):
         decay = ops.where(ops.greater(power, 0.0), warm, decay)
         return ops.where(go, 1.0 - decay, 0.0), count
 
-    def _shadows_of(self, variables):
-        """The shadows of `variables` (all, or those trainable now)."""
-        if len(variables) == len(self.shadows):
-            return tuple(self.shadows)
-        return tuple(self.shadows[i] for i in self.positions(variables))
-
     def _average(self, variables, weights, stepped):
         rate, count = self._rate(stepped)
-        shadows = self._shadows_of(variables)
+        shadows = [self.shadows[i] for i in self.positions(variables)]
+        weights = [getattr(w, "value", w) for w in weights]
         backend = keras.backend.backend()
-        if backend == "tensorflow" and _tf_without_strategy():
+        if backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                torch._foreach_lerp_([s.value for s in shadows], weights,
+                                     rate)
+        elif backend == "tensorflow" and not in_tf_strategy():
             # One XLA cluster for all shadows (Keras compiles the train step
             # of many models without XLA on TensorFlow).
             updates = vars(self).setdefault("_xla_updates", {})
             key = tuple(id(s) for s in shadows)
             if key not in updates:
                 updates[key] = _xla_update(shadows)
-            updates[key]([getattr(w, "value", w) for w in weights], rate)
-        elif backend == "torch":
-            import torch
-
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    [s.value for s in shadows],
-                    [ops.convert_to_tensor(w) for w in weights], rate,
-                )
+            updates[key](weights, rate)
         else:
             for shadow, w in zip(shadows, weights):
                 s = shadow.value
@@ -102,15 +95,7 @@ class AveragingOptimizer(OptimizerWrapper):
         self.count.assign(count)
 
     def apply(self, grads, trainable_variables=None):
-        if trainable_variables is None:
-            raise ValueError(
-                "AveragingOptimizer.apply needs the `trainable_variables`. "
-                "Received: trainable_variables=None"
-            )
-        trainable_variables = list(trainable_variables)
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
+        trainable_variables = self.variables_to_apply(trainable_variables)
         before = ops.copy(self.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
         stepped = ops.not_equal(ops.copy(self.iterations), before)
@@ -134,12 +119,6 @@ class AveragingOptimizer(OptimizerWrapper):
             self._average(self.trained_variables(), new_weights, stepped)
             new_own = [scope.get_current_value(v) for v in own_variables]
         return new_weights, new_own + list(new_inner)
-
-
-def _tf_without_strategy():
-    import tensorflow as tf
-
-    return not tf.distribute.has_strategy()
 
 
 def _xla_update(shadows):

@@ -405,20 +405,7 @@ class ClippedOptimizer(OptimizerWrapper):
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError(
-                    "When passing `grads` without `trainable_variables`, the "
-                    "optimizer must already be built. Call "
-                    "`optimizer.build(trainable_variables)` first."
-                )
-            trainable_variables = self.built_variables
-        else:
-            trainable_variables = list(trainable_variables)
-            if not self.built:
-                with keras.name_scope(self.name, caller=self):
-                    self.build(trainable_variables)
-                self.built = True
+        trainable_variables = self.variables_to_apply(trainable_variables)
         backend = keras.backend.backend()
         if backend == "jax":
             self._jax_apply(grads, trainable_variables)

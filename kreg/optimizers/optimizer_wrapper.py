@@ -73,6 +73,22 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     def variables(self):
         return self.own_variables + self.inner_optimizer.variables
 
+    def variables_to_apply(self, trainable_variables):
+        """The weights of an `apply` call: `trainable_variables`, or those
+        it was built with when None; builds the wrapper on first use."""
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    f"{type(self).__name__}.apply without "
+                    "`trainable_variables` needs a built optimizer: call "
+                    "`optimizer.build(trainable_variables)` first.")
+            return self.built_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        return trainable_variables
+
     def trained_variables(self):
         """The weights it was built with that are trainable now, in order:
         those of a step (`kreg.callbacks.FineTuning` freezes some)."""
@@ -136,13 +152,17 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         return cls(optimizer, **config)
 
 
+def optimizer_chain(optimizer):
+    """`optimizer`, then each wrapper's inner optimizer in turn."""
+    while optimizer is not None:
+        yield optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+
+
 def find_wrapper(optimizer, cls):
     """The instance of `cls` in `optimizer`'s chain of wrappers, or None."""
-    while optimizer is not None:
-        if isinstance(optimizer, cls):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+    return next((o for o in optimizer_chain(optimizer)
+                 if isinstance(o, cls)), None)
 
 
 def install(model, cls, make, var_list=None):

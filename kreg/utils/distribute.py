@@ -99,12 +99,19 @@ def _tf_config_task():
             f"TF_CONFIG={raw!r}") from error
 
 
+def in_tf_strategy():
+    """Whether a `tf.distribute` strategy is in scope (TensorFlow only)."""
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
+
+
 def _tf_strategy_task():
     """The task of the `tf.distribute` strategy in scope, if it has a
     cluster resolver with a task."""
     import tensorflow as tf
 
-    if not tf.distribute.has_strategy():
+    if not in_tf_strategy():
         return None
     resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
