@@ -226,6 +226,8 @@ class EnsembleTest(TestCase):
             (dict(members="mlp"), TypeError, "members='mlp'"),
             (dict(members=lambda: 3), TypeError, "keras.Model"),
             (dict(members=make_member, seed=-1), ValueError, "seed=-1"),
+            (dict(members=make_member, vectorize="yes"), TypeError,
+             "vectorize='yes'"),
         ]
         shared = make_member()
         cases.append((dict(members=lambda: shared, num_members=2),
@@ -248,6 +250,124 @@ class EnsembleTest(TestCase):
             other(self.x)
             other.load_weights(path)
         self.assertAllClose(other(self.x), ensemble(self.x))
+
+
+def make_normalized_member():
+    """Activity regularization and both BatchNormalization layers."""
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activity_regularizer="l2"),
+        kreg.layers.BatchNormalization(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(8),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(3),
+    ])
+
+
+def make_dropout_member():
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dropout(0.5, seed=5),
+        keras.layers.Dense(3),
+    ])
+
+
+def record_calls(model):
+    """The list of `model.call`'s calls from now on, filled as they come."""
+    calls = []
+    call = model.call
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return call(*args, **kwargs)
+
+    model.call = recorded
+    return calls
+
+
+class VectorizedMembersTest(TestCase):
+    """On PyTorch alike members run as one vmap-ed call of the first
+    member (`vectorize=True`); other backends always loop."""
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.RandomState(0)
+        self.x = rng.normal(size=(64, 6)).astype("float32")
+        self.y = rng.randint(0, 3, 64)
+
+    def fit_alike(self, make, epochs=2):
+        """Two ensembles from the same weights, vectorized or not, each fit
+        `epochs` times one epoch; returns them and the calls of the
+        vectorized one's second member after its first epoch."""
+        vectorized = Ensemble(make, num_members=3, combine="softmax")
+        one_by_one = Ensemble([make() for _ in range(3)], combine="softmax",
+                              vectorize=False)
+        for source, target in zip(vectorized.members, one_by_one.members):
+            target.set_weights(source.get_weights())
+        calls = None
+        for ensemble in (vectorized, one_by_one):
+            ensemble.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                             sparse_ce())
+            for epoch in range(epochs):
+                if epoch == 1 and ensemble is vectorized:
+                    calls = record_calls(ensemble.members[1])
+                ensemble.fit(self.x, self.y, batch_size=16, epochs=1,
+                             shuffle=False, verbose=0)
+        return vectorized, one_by_one, calls
+
+    def assertSameMembers(self, first, second, atol=1e-5):
+        for a, b in zip(first.members, second.members):
+            self.assertEqual(len(a.weights), len(b.weights))
+            for u, v in zip(a.weights, b.weights):
+                self.assertAllClose(u, v, atol=atol, rtol=atol, msg=u.path)
+
+    def test_vectorized_fit_trains_each_member_as_one_by_one(self):
+        vectorized, one_by_one, calls = self.fit_alike(
+            make_normalized_member)
+        # Weights and both BatchNormalizations' moving statistics, with the
+        # activity regularization in the loss.
+        self.assertSameMembers(vectorized, one_by_one)
+        self.assertAllClose(vectorized(self.x), one_by_one(self.x),
+                            atol=1e-5)
+        probabilities = softmax(self.to_numpy(vectorized.predict(
+            self.x, verbose=0)))
+        members = [softmax(self.to_numpy(m(self.x)))
+                   for m in vectorized.members]
+        self.assertAllClose(probabilities, np.mean(members, 0), atol=1e-6)
+        if keras.backend.backend() == "torch":
+            # Only the direct call above: the fit and predict ran the
+            # first member alone, vectorized.
+            self.assertEqual(calls, [None])
+        self.assertTrue(vectorized.get_config()["vectorize"])
+        self.assertFalse(Ensemble.from_config(
+            one_by_one.get_config()).vectorize)
+
+    def test_members_with_random_draws_run_one_by_one(self):
+        # Trained one by one as with vectorize=False (the same dropout
+        # seeds), each with its own dropout masks.
+        vectorized, one_by_one, calls = self.fit_alike(make_dropout_member)
+        self.assertSameMembers(vectorized, one_by_one)
+        self.assertIn(True, calls)
+
+    def test_members_that_differ_run_one_by_one(self):
+        members = [make_member(), make_member(), keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(5, activation="relu"),
+            keras.layers.Dense(3)])]
+        ensemble = Ensemble(members, combine="softmax")
+        ensemble.compile(keras.optimizers.SGD(0.1), sparse_ce())
+        ensemble.fit(self.x, self.y, batch_size=16, epochs=1, verbose=0)
+        calls = record_calls(ensemble.members[1])
+        history = ensemble.fit(self.x, self.y, batch_size=16, epochs=2,
+                               verbose=0)
+        self.assertLess(history.history["loss"][1], history.history["loss"][0])
+        self.assertEqual(calls.count(True), 8)
+        probabilities = softmax(self.to_numpy(ensemble(self.x)))
+        expected = np.mean([softmax(self.to_numpy(m(self.x)))
+                            for m in members], axis=0)
+        self.assertAllClose(probabilities, expected, atol=1e-6)
 
 
 class PredictWithUncertaintyTest(TestCase):
