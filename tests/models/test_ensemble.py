@@ -290,7 +290,9 @@ def record_calls(model):
 
 class VectorizedMembersTest(TestCase):
     """On PyTorch alike members run as one vmap-ed call of the first
-    member (`vectorize=True`); other backends always loop."""
+    member (`vectorize=True`); other backends always loop. The records of
+    the members' calls are checked on PyTorch only: TensorFlow and JAX
+    trace the step once."""
 
     def setUp(self):
         super().setUp()
@@ -350,7 +352,8 @@ class VectorizedMembersTest(TestCase):
         # seeds), each with its own dropout masks.
         vectorized, one_by_one, calls = self.fit_alike(make_dropout_member)
         self.assertSameMembers(vectorized, one_by_one)
-        self.assertIn(True, calls)
+        if keras.backend.backend() == "torch":  # Others trace the step.
+            self.assertIn(True, calls)
 
     def test_members_that_differ_run_one_by_one(self):
         members = [make_member(), make_member(), keras.Sequential([
@@ -363,7 +366,8 @@ class VectorizedMembersTest(TestCase):
         history = ensemble.fit(self.x, self.y, batch_size=16, epochs=2,
                                verbose=0)
         self.assertLess(history.history["loss"][1], history.history["loss"][0])
-        self.assertEqual(calls.count(True), 8)
+        if keras.backend.backend() == "torch":  # Others trace the step.
+            self.assertEqual(calls.count(True), 8)
         probabilities = softmax(self.to_numpy(ensemble(self.x)))
         expected = np.mean([softmax(self.to_numpy(m(self.x)))
                             for m in members], axis=0)
