@@ -7,25 +7,28 @@ class StackedMembers:
     """Runs alike members as one vectorized call of the first member.
 
     On PyTorch, calling ``k`` members one by one costs ``k`` times Keras's
-    per-layer Python overhead. Where the members are alike (same class and
-    configuration apart from names, variables of the same shapes and
-    dtypes), `keras.ops.vectorized_map` (``torch.vmap``) runs the first
-    member once, inside a `keras.StatelessScope` that maps its variables to
-    every member's values stacked along a new leading axis; gradients flow
-    through the stack into each member's own variables. The variables the
-    call updates (BatchNormalization statistics) are assigned back to each
-    member, and losses added during the call (activity regularization) are
-    returned summed over the members.
+    per-layer Python overhead. Where the members are alike, ``torch.vmap``
+    runs the first member once, in a `keras.StatelessScope` that maps its
+    variables to every member's values stacked along a new leading axis:
+    gradients flow through the stack into each member's own variables, the
+    variables the call updates (BatchNormalization statistics) are assigned
+    back to each member, and the losses the call adds (activity
+    regularization) are summed over the members.
+
+    Alike means of the same class, with layers of the same classes and
+    variables of the same shapes and dtypes, and checked in use: the first
+    call in each mode (training or inference) runs the members one by one
+    and also vectorized, and the vectorized call is kept for that mode only
+    where it gives the same outputs, variable updates and losses.
 
     Calling returns ``(outputs, losses)``, the list of the members' outputs
-    and the losses, or `None` where the caller must call the members one by
-    one: `enabled=False`, other backends (which compile the loop), mixed
-    precision (`dtype`, the caller's compute dtype, differs from the
-    members' floating-point variables), one
-    member, members that differ, symbolic or `torch.compile`-d calls, and
-    members that fail under ``vmap``, such as those that draw random
-    numbers (dropout, noise): whether they run is tried at the first call
-    in each mode (training or inference) and kept.
+    and the losses to add, or `None` where the caller must call the members
+    one by one: `enabled=False`, other backends (which compile the loop),
+    one member, mixed precision (where `dtype`, the caller's compute dtype,
+    is not that of the members' floating-point variables, which Keras
+    would cast on reading them), symbolic or `torch.compile`-d calls, and
+    members that differ or fail under ``vmap``, such as those that draw
+    random numbers (dropout, noise).
     """
 
     def __init__(self, members, dtype, enabled=True):
@@ -46,17 +49,39 @@ class StackedMembers:
             if self.variables is None:
                 self.usable = {True: False, False: False}
                 return None
-        if training in self.usable:
-            return self.call(inputs, training)
+        if training not in self.usable:
+            return self.checked_call(inputs, training)
+        outputs, updates, losses = self.vectorized_call(inputs, training)
+        for i, values in updates.items():
+            for variables, value in zip(self.variables, values.unbind()):
+                variables[i].assign(value)
+        return outputs, [loss.sum() for loss in losses]
+
+    def checked_call(self, inputs, training):
+        """Calls the members one by one; keeps the vectorized call for this
+        mode where it gives the same results."""
         try:
-            result = self.call(inputs, training)
-        except Exception:  # Any failure: the members run one by one.
+            outputs, updates, losses = self.vectorized_call(inputs, training)
+        except Exception:  # Any failure under vmap: one by one.
             self.usable[training] = False
             return None
-        self.usable[training] = True
-        return result
+        before = [[v.value.clone() for v in own] for own in self.variables]
+        expected = [member(inputs, training=training)
+                    for member in self.members]
+        self.usable[training] = (
+            all(_close(a, b) for a, b in zip(
+                keras.tree.flatten(outputs), keras.tree.flatten(expected)))
+            and all(_close(updates[i][m] if i in updates else value,
+                           own[i].value)
+                    for m, own in enumerate(self.variables)
+                    for i, value in enumerate(before[m]))
+            and _close(sum(loss.sum() for loss in losses),
+                       sum(_activity_loss(member) for member in self.members)))
+        return expected, []
 
-    def call(self, inputs, training):
+    def vectorized_call(self, inputs, training):
+        """The members' outputs, the new values of the variables the call
+        updates (by index, stacked) and the losses it adds (stacked)."""
         import torch
 
         first = self.members[0]
@@ -79,14 +104,11 @@ class StackedMembers:
 
         outputs, new_values, losses = torch.func.vmap(
             one_member, randomness="error")(stacked)
-        for i, values in zip(updated, new_values):
-            for variables, value in zip(self.variables, torch.unbind(values)):
-                variables[i].assign(value)
-        leaves = [torch.unbind(leaf) for leaf in keras.tree.flatten(outputs)]
+        leaves = [leaf.unbind() for leaf in keras.tree.flatten(outputs)]
         member_outputs = [
             keras.tree.pack_sequence_as(outputs, [leaf[m] for leaf in leaves])
             for m in range(len(self.members))]
-        return member_outputs, [torch.sum(loss) for loss in losses]
+        return member_outputs, dict(zip(updated, new_values)), losses
 
 
 def _is_eager(inputs):
@@ -101,57 +123,40 @@ def _is_eager(inputs):
 
 def _alike_variables(members, dtype):
     """Every member's variables, in one order, or `None` where the members
-    are not alike, their variables are not their own, or a floating-point
-    one is not of `dtype` (the ensemble's compute dtype, which Keras would
-    cast it to on reading it)."""
-    first = members[0]
-    config = _config_without_names(first)
-    if config is None:
-        return None
+    are not of one class and layer classes, their variables differ in shape
+    or dtype or are not their own, or a floating-point one is not of
+    `dtype`."""
     variables = [member.trainable_variables + member.non_trainable_variables
                  for member in members]
-    signature = [(v.shape, v.dtype) for v in variables[0]]
-    for member, own in zip(members[1:], variables[1:]):
-        if (type(member) is not type(first)
-                or [(v.shape, v.dtype) for v in own] != signature
-                or _config_without_names(member) != config):
-            return None
+    signature = _signature(members[0], variables[0])
+    if any(_signature(member, own) != signature
+           for member, own in zip(members[1:], variables[1:])):
+        return None
     if len({id(v) for own in variables for v in own}) != sum(
             len(own) for own in variables):
         return None
-    for variable in variables[0]:
-        if "float" in variable.dtype and variable.dtype != dtype:
-            return None
+    if any("float" in v.dtype and v.dtype != dtype for v in variables[0]):
+        return None
     return variables
 
 
-def _config_without_names(model):
-    """`model`'s configuration, each name replaced by its order of first
-    appearance, or `None` where the model has none."""
-    try:
-        config = model.get_config()
-    except Exception:  # No configuration: not comparable.
-        return None
-    names = {}
+def _signature(model, variables):
+    layers = model.layers if isinstance(model, keras.Model) else []
+    return (type(model), [type(layer) for layer in layers],
+            [(tuple(v.shape), v.dtype) for v in variables])
 
-    def collect(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("name"), str):
-                names.setdefault(node["name"], f"<name {len(names)}>")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                collect(value)
 
-    def rename(node):
-        if isinstance(node, dict):
-            return {key: rename(value) for key, value in node.items()}
-        if isinstance(node, (list, tuple)):
-            return [rename(value) for value in node]
-        if isinstance(node, str):
-            return names.get(node, node)
-        return node
+def _activity_loss(member):
+    """The losses `member`'s last call added (its losses but the weight
+    regularization)."""
+    weight_losses = [v.regularizer(v) for v in member.trainable_variables
+                     if v.regularizer is not None]
+    return sum(member.losses) - sum(weight_losses)
 
-    collect(config)
-    return rename(config)
+
+def _close(actual, expected):
+    import torch
+
+    return torch.allclose(torch.as_tensor(actual, dtype=torch.float32),
+                          torch.as_tensor(expected, dtype=torch.float32),
+                          rtol=1e-4, atol=1e-6)
