@@ -141,8 +141,7 @@ def _alike_variables(members, dtype):
 
 
 def _signature(model, variables):
-    layers = model.layers if isinstance(model, keras.Model) else []
-    return (type(model), [type(layer) for layer in layers],
+    return (type(model), [type(layer) for layer in model.layers],
             [(tuple(v.shape), v.dtype) for v in variables])
 
 

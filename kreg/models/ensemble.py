@@ -59,10 +59,12 @@ class Ensemble(keras.Model):
         combine: ``"mean"``, ``"softmax"`` or ``"sigmoid"``. Defaults to
             `"mean"`.
         seed: seed of the bootstrap draws. Defaults to `None`.
-        vectorize: on PyTorch, run alike members (same architecture, names
-            apart) that draw no random numbers as one ``torch.vmap``-ed
-            call instead of one by one, which saves Keras's per-layer
-            Python overhead; `False` always calls them one by one.
+        vectorize: on PyTorch, run the members as one ``torch.vmap``-ed
+            call of the first member where they are alike (checked at the
+            first call in training and in inference against calling them
+            one by one), which saves Keras's per-layer Python overhead.
+            Members that draw random numbers (dropout, noise) or use mixed
+            precision run one by one. `False` always calls them one by one.
             TensorFlow and JAX compile the loop and ignore it. Defaults to
             `True`.
 
