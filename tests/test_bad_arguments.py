@@ -491,6 +491,7 @@ ROWS = (
               bools("from_logits"), [({"dtype": "bogus"}, ValueError)])
     + rows_of("models.Ensemble", integers("num_members", 1, optional=True),
               choices("mode"), choices("combine"), seeds(),
+              bools("vectorize"),
               [({"members": "m"}, TypeError), ({"members": None}, TypeError)])
     + _mc_rows("models.predict_with_uncertainty")
     + rows_of("models.predict_with_uncertainty", bools("from_logits"))

@@ -7,8 +7,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from kreg.models._stacked_members import StackedMembers
 from kreg.utils.distribute import ReplicaSeedGenerator
-from kreg.utils.validation import check_integer, check_one_of
+from kreg.utils.validation import check_bool, check_integer, check_one_of
 from kreg.utils.validation import check_optional_seed
 
 # The key of the training output (see `Ensemble.call`).
@@ -58,6 +59,14 @@ class Ensemble(keras.Model):
         combine: ``"mean"``, ``"softmax"`` or ``"sigmoid"``. Defaults to
             `"mean"`.
         seed: seed of the bootstrap draws. Defaults to `None`.
+        vectorize: on PyTorch, run the members as one ``torch.vmap``-ed
+            call of the first member where they are alike (checked at the
+            first call in training and in inference against calling them
+            one by one), which saves Keras's per-layer Python overhead.
+            Members that draw random numbers (dropout, noise) or use mixed
+            precision run one by one. `False` always calls them one by one.
+            TensorFlow and JAX compile the loop and ignore it. Defaults to
+            `True`.
 
     Example:
 
@@ -72,7 +81,7 @@ class Ensemble(keras.Model):
     """
 
     def __init__(self, members, num_members=None, mode="full",
-                 combine="mean", seed=None, **kwargs):
+                 combine="mean", seed=None, vectorize=True, **kwargs):
         super().__init__(**kwargs)
         self.mode = check_one_of("mode", mode, ("full", "bootstrap"))
         self.combine = check_one_of(
@@ -80,6 +89,9 @@ class Ensemble(keras.Model):
         self.seed = check_optional_seed("seed", seed)
         self.members = _make_members(members, num_members)
         self.num_members = len(self.members)
+        self.vectorize = check_bool("vectorize", vectorize)
+        self._stacked_members = StackedMembers(
+            self.members, self.compute_dtype, enabled=self.vectorize)
         # Under tf.distribute each replica draws its own bootstrap weights.
         self.seed_generator = (ReplicaSeedGenerator(seed)
                                if mode == "bootstrap" else None)
@@ -90,8 +102,14 @@ class Ensemble(keras.Model):
                 member.build(input_shape)
 
     def call(self, inputs, training=False):
-        outputs = [member(inputs, training=training)
-                   for member in self.members]
+        stacked = self._stacked_members(inputs, training)
+        if stacked is None:
+            outputs = [member(inputs, training=training)
+                       for member in self.members]
+        else:
+            outputs, losses = stacked
+            for loss in losses:
+                self.add_loss(loss)
         if not training:
             return self.combine_outputs(outputs)
         result = {MEMBER_OUTPUTS: outputs}
@@ -187,6 +205,7 @@ class Ensemble(keras.Model):
             "mode": self.mode,
             "combine": self.combine,
             "seed": self.seed,
+            "vectorize": self.vectorize,
         }
 
     @classmethod

@@ -250,6 +250,130 @@ class EnsembleTest(TestCase):
         self.assertAllClose(other(self.x), ensemble(self.x))
 
 
+def make_normalized_member(activation="relu", momentum=0.99):
+    """Activity regularization and both BatchNormalization layers."""
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activity_regularizer="l2"),
+        kreg.layers.BatchNormalization(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(8),
+        keras.layers.BatchNormalization(momentum=momentum),
+        keras.layers.Activation(activation),
+        keras.layers.Dense(3),
+    ])
+
+
+def make_dropout_member():
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dropout(0.5, seed=5),
+        keras.layers.Dense(3),
+    ])
+
+
+def record_calls(model):
+    """The list of `model.call`'s calls from now on, filled as they come."""
+    calls = []
+    call = model.call
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("training"))
+        return call(*args, **kwargs)
+
+    model.call = recorded
+    return calls
+
+
+class VectorizedMembersTest(TestCase):
+    """On PyTorch alike members run as one vmap-ed call of the first
+    member (`vectorize=True`); other backends always loop. The records of
+    the members' calls are checked on PyTorch only: TensorFlow and JAX
+    trace the step once."""
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.RandomState(0)
+        self.x = rng.normal(size=(64, 6)).astype("float32")
+        self.y = rng.randint(0, 3, 64)
+
+    def fit_both(self, make_members):
+        """Ensembles of `make_members()` from the same weights, vectorized
+        or not, each fit twice one epoch; returns them and the calls of the
+        vectorized one's second member in its second fit."""
+        vectorized = Ensemble(make_members(), combine="softmax")
+        one_by_one = Ensemble(make_members(), combine="softmax",
+                              vectorize=False)
+        for source, target in zip(vectorized.members, one_by_one.members):
+            target.set_weights(source.get_weights())
+        for ensemble in (vectorized, one_by_one):
+            ensemble.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                             sparse_ce())
+            ensemble.fit(self.x, self.y, batch_size=16, epochs=1,
+                         shuffle=False, verbose=0)
+            if ensemble is vectorized:
+                calls = record_calls(ensemble.members[1])
+            ensemble.fit(self.x, self.y, batch_size=16, epochs=1,
+                         shuffle=False, verbose=0)
+        # Weights and moving statistics, with any activity regularization
+        # in the loss.
+        for a, b in zip(vectorized.members, one_by_one.members):
+            self.assertEqual(len(a.weights), len(b.weights))
+            for u, v in zip(a.weights, b.weights):
+                self.assertAllClose(u, v, atol=1e-5, rtol=1e-5, msg=u.path)
+        return vectorized, one_by_one, calls
+
+    def test_vectorized_fit_trains_each_member_as_one_by_one(self):
+        vectorized, one_by_one, calls = self.fit_both(
+            lambda: [make_normalized_member() for _ in range(3)])
+        self.assertAllClose(vectorized(self.x), one_by_one(self.x),
+                            atol=1e-5)
+        probabilities = softmax(self.to_numpy(vectorized.predict(
+            self.x, verbose=0)))
+        members = [softmax(self.to_numpy(m(self.x)))
+                   for m in vectorized.members]
+        self.assertAllClose(probabilities, np.mean(members, 0), atol=1e-6)
+        if keras.backend.backend() == "torch":
+            # The first call in each mode also runs the members one by one
+            # (training: in the first fit; inference: `vectorized(self.x)`),
+            # then `m(self.x)`; the second fit and predict ran vectorized.
+            self.assertEqual(calls, [False, None])
+        self.assertTrue(vectorized.get_config()["vectorize"])
+        self.assertFalse(Ensemble.from_config(
+            one_by_one.get_config()).vectorize)
+
+    def test_members_with_random_draws_run_one_by_one(self):
+        # Each with its own dropout masks, as with vectorize=False (the
+        # same dropout seeds).
+        _, _, calls = self.fit_both(
+            lambda: [make_dropout_member() for _ in range(3)])
+        if keras.backend.backend() == "torch":
+            self.assertEqual(calls.count(True), 4)
+
+    def test_members_that_differ_run_one_by_one(self):
+        # Alike in classes and shapes; one member differs in its activation
+        # (outputs) or its statistics' momentum (updates).
+        for other in (dict(activation="tanh"), dict(momentum=0.5)):
+            _, _, calls = self.fit_both(lambda: [
+                make_normalized_member(), make_normalized_member(),
+                make_normalized_member(**other)])
+            if keras.backend.backend() == "torch":
+                self.assertEqual(calls.count(True), 4, msg=str(other))
+        members = [make_member(), make_member(), keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(5, activation="relu"),
+            keras.layers.Dense(3)])]
+        ensemble = Ensemble(members, combine="softmax")
+        ensemble.compile(keras.optimizers.SGD(0.1), sparse_ce())
+        history = ensemble.fit(self.x, self.y, batch_size=16, epochs=2,
+                               verbose=0)
+        self.assertLess(history.history["loss"][1], history.history["loss"][0])
+        probabilities = softmax(self.to_numpy(ensemble(self.x)))
+        expected = np.mean([softmax(self.to_numpy(m(self.x)))
+                            for m in members], axis=0)
+        self.assertAllClose(probabilities, expected, atol=1e-6)
+
+
 class PredictWithUncertaintyTest(TestCase):
     def test_mc_dropout_model_in_the_same_form(self):
         rng = np.random.RandomState(0)
