@@ -1,5 +1,7 @@
 """An ensemble's members run as one vectorized call (PyTorch)."""
 
+import types
+
 import keras
 
 
@@ -16,6 +18,7 @@ class StackedMembers:
     regularization) are summed over the members.
 
     Alike means of the same class, with layers of the same classes and
+    public settings (``units``, ``activation``, ``momentum``, ...) and
     variables of the same shapes and dtypes, and checked in use: the first
     call in each mode (training or inference) runs the members one by one
     and also vectorized, and the vectorized call is kept for that mode only
@@ -123,7 +126,7 @@ def _is_eager(inputs):
 
 def _alike_variables(members, dtype):
     """Every member's variables, in one order, or `None` where the members
-    are not of one class and layer classes, their variables differ in shape
+    are not of one class and layer settings, their variables differ in shape
     or dtype or are not their own, or a floating-point one is not of
     `dtype`."""
     variables = [member.trainable_variables + member.non_trainable_variables
@@ -141,8 +144,31 @@ def _alike_variables(members, dtype):
 
 
 def _signature(model, variables):
-    return (type(model), [type(layer) for layer in model.layers],
+    return (type(model), [_settings(layer) for layer in model.layers],
             [(tuple(v.shape), v.dtype) for v in variables])
+
+
+def _settings(layer):
+    """A layer's class and its public settings (numbers, strings, tuples of
+    them, functions such as its activation), without `get_config`, which
+    imports TensorFlow where it is installed."""
+    settings = {"class": type(layer)}
+    for key, value in vars(layer).items():
+        if key.startswith("_") or key == "name":
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, tuple) and all(
+                isinstance(item, _SCALARS) for item in value):
+            settings[key] = value
+        elif isinstance(value, _SCALARS) or (
+                isinstance(value, types.FunctionType)
+                and value.__closure__ is None):  # not a per-layer wrapper
+            settings[key] = value
+    return settings
+
+
+_SCALARS = (bool, int, float, str, type(None))
 
 
 def _activity_loss(member):

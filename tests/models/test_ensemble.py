@@ -250,13 +250,14 @@ class EnsembleTest(TestCase):
         self.assertAllClose(other(self.x), ensemble(self.x))
 
 
-def make_normalized_member(activation="relu", momentum=0.99):
+def make_normalized_member(activation="relu", momentum=0.99,
+                           max_value=None):
     """Activity regularization and both BatchNormalization layers."""
     return keras.Sequential([
         keras.Input((6,)),
         keras.layers.Dense(8, activity_regularizer="l2"),
         kreg.layers.BatchNormalization(),
-        keras.layers.Activation("relu"),
+        keras.layers.ReLU(max_value=max_value),
         keras.layers.Dense(8),
         keras.layers.BatchNormalization(momentum=momentum),
         keras.layers.Activation(activation),
@@ -353,8 +354,10 @@ class VectorizedMembersTest(TestCase):
 
     def test_members_that_differ_run_one_by_one(self):
         # Alike in classes and shapes; one member differs in its activation
-        # (outputs) or its statistics' momentum (updates).
-        for other in (dict(activation="tanh"), dict(momentum=0.5)):
+        # (outputs), its statistics' momentum (updates), or a cap of its
+        # ReLU that no value reaches here (only its settings show it).
+        for other in (dict(activation="tanh"), dict(momentum=0.5),
+                      dict(max_value=1000.0)):
             _, _, calls = self.fit_both(lambda: [
                 make_normalized_member(), make_normalized_member(),
                 make_normalized_member(**other)])
