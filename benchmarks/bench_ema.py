@@ -138,5 +138,6 @@ def main():
                 times["EMA"], times["Keras use_ema"]))
             print(f"    EMA / Keras use_ema {ratio:.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.optimizers.optimizer_wrapper import OptimizerWrapper, optimizer_chain
 from kreg.utils.validation import (check_number, check_one_of,
                                    check_optional_positive)
 
@@ -577,8 +577,8 @@ def _refuse_inner_clipping(optimizer, clips):
     """Raises when an optimizer down the wrapper chain (``inner_optimizer``
     after ``inner_optimizer``) clips the gradients too: they would be
     clipped twice."""
-    path = "optimizer"
-    while optimizer is not None:
+    for depth, optimizer in enumerate(optimizer_chain(optimizer)):
+        path = "optimizer" + ".inner_optimizer" * depth
         for argument in _CLIP_ARGUMENTS:
             value = getattr(optimizer, argument, None)
             if value is not None:
@@ -593,8 +593,6 @@ def _refuse_inner_clipping(optimizer, clips):
                     f"{path}={type(optimizer).__name__} with "
                     f"{argument}={value}"
                 )
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-        path += ".inner_optimizer"
 
 
 def _sum_of_squares(g):

@@ -92,7 +92,7 @@ class FineTuningOptimizer(OptimizerWrapper):
             raise ValueError(
                 f"`base_indices` {self.base_indices} do not fit the "
                 f"{len(var_list)} weights the optimizer is built with.")
-        object.__setattr__(self, "built_variables", var_list)
+        self.keep_built_variables(var_list)
         self._base_ids = {id(var_list[i]) for i in self.base_indices}
         base, _ = self._split(var_list)
         if not self.inner_optimizer.built:

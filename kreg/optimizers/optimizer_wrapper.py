@@ -52,12 +52,19 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         self.inner_optimizer = optimizer
         self.saves_inner_state_only = False
 
+    def keep_built_variables(self, var_list):
+        """Keeps the weights it is built with (`built_variables`) and their
+        places (`positions`); a subclass's own `build` calls it too."""
+        # Not tracked: they are the model's weights, not optimizer state.
+        object.__setattr__(self, "built_variables", list(var_list))
+        object.__setattr__(self, "_places", {
+            id(v): i for i, v in enumerate(self.built_variables)})
+
     def build_own(self, var_list):
         """Creates the wrapper's own variables (`add_variable`)."""
 
     def build(self, var_list):
-        # Not tracked: they are the model's weights, not optimizer state.
-        object.__setattr__(self, "built_variables", list(var_list))
+        self.keep_built_variables(var_list)
         self.build_own(var_list)
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
@@ -96,8 +103,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
 
     def positions(self, variables):
         """The places of `variables` in the list it was built with."""
-        index = {id(v): i for i, v in enumerate(self.built_variables)}
-        return [index[id(v)] for v in variables]
+        return [self._places[id(v)] for v in variables]
 
     @property
     def learning_rate(self):
