@@ -1,10 +1,11 @@
-"""README's python code blocks run, each in a fresh namespace.
+"""The python code blocks of README.md and docs/*.md run, each in a fresh
+namespace.
 
-The README's snippets use names they do not define (``x``, ``y``, a
-pre-trained model file): each block gets a small prelude that defines them
-with small data, and long runs are shortened (``epochs=200`` becomes a few
-epochs) by the substitutions listed per block. A block added to README
-without a prelude entry fails `test_every_block_has_a_prelude`.
+The snippets use names they do not define (``x``, ``y``, a pre-trained
+model file): each block gets a small prelude that defines them with small
+data, and long runs are shortened (``epochs=200`` becomes a few epochs) by
+the substitutions listed per block. A block added without a prelude entry
+fails `test_every_block_has_a_prelude`.
 """
 
 import os
@@ -17,13 +18,13 @@ import pytest
 
 import kreg
 
-README = os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                      "README.md")
+ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-def python_blocks():
-    """README's ```python blocks (indented ones dedented), in order."""
-    with open(README, encoding="utf-8") as f:
+def python_blocks(path):
+    """The ```python blocks of a Markdown file (indented ones dedented), in
+    order."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         text = f.read()
     blocks = []
     for match in re.finditer(r"^( *)```python\n(.*?)^\1```", text,
@@ -132,42 +133,68 @@ def check_layers(namespace):
     assert float(namespace["std"].max()) > 0.0
 
 
-# In README order: (prelude, {text: replacement} shortening the run[,
-# a check of the namespace after the block]).
-PRELUDES = [
-    (prelude_layers, {}, check_layers),
-    (prelude_regularizers, {}, check_regularizers),
-    (prelude_clipping, {}),
-    (prelude_retrain, {"epochs=200": "epochs=6"}),
-    (prelude_checkpoint, {}),
+def prelude_none():
+    return {}
+
+
+def check_example(namespace):
+    """The example's model trained, and its file loads without
+    custom_objects."""
+    model = keras.models.load_model("digits.keras")
+    assert isinstance(model.optimizer, kreg.optimizers.ClippedOptimizer)
+    assert namespace["model"].history.history["accuracy"][-1] > 0.2
+
+
+# Per file, in the file's order: (prelude, {text: replacement} shortening
+# the run[, a check of the namespace after the block]).
+PRELUDES = {
+    "README.md": [
+        (prelude_none, {"epochs=100": "epochs=2"}, check_example),
+    ],
+    "docs/layers.md": [(prelude_layers, {}, check_layers)],
+    "docs/regularizers.md": [
+        (prelude_regularizers, {}, check_regularizers)],
+    "docs/clipping.md": [(prelude_clipping, {})],
+    "docs/callbacks.md": [
+        (prelude_retrain, {"epochs=200": "epochs=6"}),
+        (prelude_checkpoint, {}),
+    ],
     # Two processes: tests/callbacks/test_multi_worker_processes.py runs it.
-    (None, {}),
-    (prelude_ensemble, {"epochs=40": "epochs=2"}),
-    (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning),
-]
+    "docs/multi_worker.md": [(None, {})],
+    "docs/ensembles.md": [(prelude_ensemble, {"epochs=40": "epochs=2"})],
+    "docs/transfer.md": [
+        (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning)],
+}
+BLOCKS = [(path, index) for path, preludes in PRELUDES.items()
+          for index in range(len(preludes))]
 
 
 def test_every_block_has_a_prelude():
-    assert len(python_blocks()) == len(PRELUDES)
+    documents = ["README.md"] + sorted(
+        os.path.join("docs", name)
+        for name in os.listdir(os.path.join(ROOT, "docs"))
+        if name.endswith(".md"))
+    for path in documents:
+        assert len(python_blocks(path)) == len(PRELUDES.get(path, [])), path
 
 
-@pytest.mark.parametrize("index", range(len(PRELUDES)))
-def test_block_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path,index", BLOCKS)
+def test_block_runs(path, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    block = python_blocks()[index]
-    prelude, replacements, *check = PRELUDES[index]
+    block = python_blocks(path)[index]
+    prelude, replacements, *check = PRELUDES[path][index]
     if prelude is None:
         pytest.skip("a multi-process snippet, run by the slow tests")
     for old, new in replacements.items():
-        assert old in block, f"block {index}: {old!r} no longer in README"
+        assert old in block, f"{path} block {index}: {old!r} is gone"
         block = block.replace(old, new)
     namespace = {"keras": keras, "kreg": kreg, "np": np,
                  "__name__": "readme"}
     namespace.update(prelude())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+        exec(compile(block, f"{path} block {index}", "exec"), namespace)
     for function in check:
         function(namespace)
