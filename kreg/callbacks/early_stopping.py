@@ -19,71 +19,40 @@ _STATE_NAME = "kreg_early_stopping"
 class EarlyStopping(keras.callbacks.Callback):
     """Stops training when a monitored quantity has stopped improving.
 
-    A drop-in for `keras.callbacks.EarlyStopping` (same arguments, defaults and
-    stopping rule). At the end of every epoch from ``start_from_epoch`` on,
-    the monitored value ``v`` counts as an improvement on the best value so far
-    when ``v < best - |min_delta|`` (mode ``"min"``) or
-    ``v > best + |min_delta|`` (mode ``"max"``); training stops once
-    ``patience`` epochs in a row brought no improvement (and, with
-    ``baseline``, while the best value has not beaten the baseline, the wait
-    counter keeps running). This is the lecture's "stop when the validation
-    loss is lowest" (Goodfellow et al., algorithm 7.1).
+    Keras's arguments, defaults and rule: from ``start_from_epoch`` on, ``v``
+    improves on the best value when ``v < best - |min_delta|`` (``"min"``)
+    or ``v > best + |min_delta|`` (``"max"``); training stops after
+    ``patience`` epochs in a row without improvement (Goodfellow et al.,
+    algorithm 7.1). In addition:
 
-    Beyond Keras:
-
-    - ``best_epoch`` (0-based), ``best`` (the best monitored value) and
-      ``stopped_epoch`` (0-based epoch at which training stopped, ``0`` when it
-      ran out of epochs, as in Keras) are readable after ``fit``;
-      ``best_epoch`` and ``best`` are ``None`` when the monitored value never
-      appeared in the logs. The callback is reset at the start of each
-      ``fit``, so one instance can serve several ``fit`` calls.
-    - ``restore_best_weights=True`` restores the best weights at the end of
-      training whether it stopped early or ran out of epochs.
-    - Used in the same ``fit`` as `kreg.callbacks.EMA` (which by default
-      validates with the averaged weights), the weights kept and restored are
-      the averaged ones that produced the best ``val_*`` value, so the model
-      reproduces the best logged value; Keras's built-in restores raw weights.
-      A monitor computed with the raw weights (training logs such as
-      ``"loss"``, or ``val_*`` with ``EMA(validate_with_averaged=False)``)
-      keeps and restores the raw weights of the best epoch, in either order
-      of the two callbacks.
-    - Its state (best value, best epoch, wait counter, best weights) survives
-      an interrupted training: beside `kreg.callbacks.BackupAndRestore` (or
-      with ``backup_dir``, beside Keras's) it is written to the backup folder
-      at the end of every epoch and read back when the resumed ``fit``
-      begins, so it stops at the same epoch as an uninterrupted one. The
-      files are deleted when training ends. `kreg.callbacks.ModelCheckpoint`
-      also writes it beside each checkpoint file; ``resume_from=<file>``
-      continues from there (``fit(initial_epoch=...)`` of the loaded model).
-      `get_state` / `set_state` give the same state as a dict.
+    - ``best_epoch`` (0-based) and ``best`` are ``None`` until a monitored
+      value has been seen, and every ``fit`` starts afresh.
+    - Beside `kreg.callbacks.EMA`, the weights kept and restored are those
+      that produced the monitored value: the averaged ones for ``val_*``.
+    - Its state (best value and epoch, wait counter, best weights) is
+      resumed by `kreg.callbacks.BackupAndRestore` and written beside each
+      `kreg.callbacks.ModelCheckpoint` file (``resume_from=``); see
+      docs/callbacks.md.
 
     Args:
-        monitor: name of the logged quantity to monitor. Defaults to
-            `"val_loss"`.
-        min_delta: minimum change that counts as an improvement (its absolute
-            value is used). Defaults to `0`.
-        patience: number of epochs without improvement after which training
-            stops. Defaults to `0`.
-        verbose: 0 (silent) or 1 (print a message when stopping or
-            restoring). Defaults to `0`.
-        mode: `"min"`, `"max"` or `"auto"` (Keras's rule: `"min"` for
-            losses, else the direction the model's metric of that name
-            reports). Defaults to `"auto"`.
-        baseline: a value the monitored quantity must beat; training stops
-            after ``patience`` epochs that do not beat it. Defaults to `None`.
-        restore_best_weights: restore the weights of the best epoch at the
-            end of training. Defaults to `False`.
-        start_from_epoch: number of warm-up epochs before monitoring starts.
+        monitor: the logged quantity to monitor. Defaults to `"val_loss"`.
+        min_delta: the smallest change that counts as an improvement.
             Defaults to `0`.
-        backup_dir: folder where the state is kept between epochs for
-            resuming an interrupted ``fit`` (may be a `BackupAndRestore`
-            folder: the files are named ``kreg_early_stopping.*``). Defaults
-            to `None`: the folder of a `kreg.callbacks.BackupAndRestore` in
-            the same ``fit``, if any (else no backup).
-        resume_from: a checkpoint file written by
-            `kreg.callbacks.ModelCheckpoint`: the ``fit`` starts from the
-            state saved beside it (a backup in ``backup_dir``, newer, comes
-            first). Defaults to `None`.
+        patience: epochs without improvement before stopping. Defaults to
+            `0`.
+        verbose: 0 or 1 (a message when stopping or restoring). Defaults
+            to `0`.
+        mode: `"min"`, `"max"` or `"auto"` (`"min"` for losses, else the
+            direction the metric reports). Defaults to `"auto"`.
+        baseline: a value the monitored quantity must beat. Defaults to
+            `None`.
+        restore_best_weights: restore the best epoch's weights at the end
+            of training. Defaults to `False`.
+        start_from_epoch: warm-up epochs before monitoring. Defaults to `0`.
+        backup_dir: folder for the state between epochs. Defaults to
+            `None`: the folder of a kreg `BackupAndRestore` in the same fit.
+        resume_from: a `kreg.callbacks.ModelCheckpoint` file to continue
+            from. Defaults to `None`.
 
     Example:
 

@@ -31,20 +31,10 @@ class BatchNormalization(keras.layers.Layer):
     (``trainable=False``, Keras's fine-tuning convention), the moving
     statistics replace ``mu_B`` and ``sigma_B^2``.
 
-    A batch with any non-finite ``mu_B`` or ``sigma_B^2`` entry (NaN/Inf
-    inputs, an overflowing variance) leaves both moving statistics exactly
-    as they were, whatever the optimizer: for the whole layer, as a corrupt
-    sample taints every feature's batch. Finite statistics still update them
-    on a step the optimizer skips for a non-finite loss (a NaN label): they
-    describe valid inputs under the unchanged weights.
-
     A drop-in for `keras.layers.BatchNormalization`: same defaults, same
-    weights in the same order (``gamma, beta, moving_mean, moving_variance``),
-    so ``set_weights(keras_bn.get_weights())`` transfers. Beyond it: ``axis``
-    may name several axes, and ``synchronized=True`` works on every backend
-    (TensorFlow's replica context, JAX's sharded global batch, an initialized
-    ``torch.distributed`` process group). Statistics are computed in float32
-    under mixed precision and the output is cast back to the compute dtype.
+    weights in the same order. Beyond it, ``axis`` may name several axes and
+    ``synchronized=True`` works on every backend; a batch with non-finite
+    statistics leaves the moving statistics as they were (docs/layers.md).
 
     Args:
         axis: int or list/tuple of ints, the feature axis or axes (e.g. ``1``
@@ -58,24 +48,17 @@ class BatchNormalization(keras.layers.Layer):
         scale: whether to multiply by the learned ``gamma``. Defaults to
             ``True``.
         beta_initializer, gamma_initializer, moving_mean_initializer,
-            moving_variance_initializer: initializers of the weights.
-            Default to ``"zeros"``, ``"ones"``, ``"zeros"``, ``"ones"``.
-        beta_regularizer, gamma_regularizer: optional regularizers.
-            Default to ``None``.
-        beta_constraint, gamma_constraint: optional constraints.
-            Default to ``None``.
-        synchronized: compute the statistics over the global batch of all
-            replicas under a distribution strategy (and so decide whether
-            they are finite for all replicas together). Defaults to
-            ``False``.
+        moving_variance_initializer, beta_regularizer, gamma_regularizer,
+        beta_constraint, gamma_constraint: as in Keras.
+        synchronized: statistics over the global batch of all replicas.
+            Defaults to ``False``.
         **kwargs: base layer keyword arguments (``name``, ``dtype``, ...).
 
     Call arguments:
         inputs: a tensor of any rank.
-        training: whether to normalize with batch statistics (and update the
-            moving ones) or with the moving statistics.
-        mask: optional boolean tensor of the inputs' shape without the last
-            axis; masked-out positions do not count in the batch statistics.
+        training: normalize with the batch statistics (and update the
+            moving ones) rather than the moving statistics.
+        mask: optional boolean tensor; masked-out positions do not count.
 
     Example:
 

@@ -18,83 +18,35 @@ _NON_FINITE_MESSAGE = (
 class ClippedOptimizer(OptimizerWrapper):
     """Clips the gradients, then lets any Keras optimizer apply them.
 
-    The wrapper runs inside the compiled train step (`keras.ops` only, works
-    with `jit_compile=True`). On every step it takes the gradients `g_i` of
-    the trainable variables `w_i` and, in this order:
+    Runs inside the compiled train step. On every step, in this order:
 
-    1. **Health check.** If any entry of any gradient is NaN or Inf (or the
-       global norm is so large, > ~1.8e19, that its square overflows
-       float32), the step is skipped: neither the weights nor the inner
-       optimizer's state (its moments, its `iterations`) change, and
-       `skipped_steps` is incremented; a `kreg.callbacks.EMA` does not
-       average it, and `kreg.layers.BatchNormalization` keeps its moving
-       statistics through a batch whose statistics are not finite.
-       With `on_non_finite="raise"` an error is raised instead.
-    2. **Value clipping** (`clipvalue=c`): `g <- clip(g, -c, c)` entry-wise.
-    3. **Adaptive clipping** (AGC, `agc_factor=lambda`), unit-wise: for each
-       output unit (Keras kernels are `(..., in, out)`: the norm is taken
-       over every axis but the last; vectors and scalars as a whole),
-       `g <- g * lambda * max(||w||, agc_epsilon) / ||g||` where
-       `||g|| > lambda * max(||w||, agc_epsilon)`.
-    4. **Norm clipping** (`clipnorm=c`), per tensor:
-       `g <- g * c / ||g||` where `||g|| > c`.
-    5. **Global-norm clipping** (`global_clipnorm=c`) over all gradients:
-       `g <- g * c / max(G, c)` with `G = sqrt(sum_i ||g_i||^2)`.
+    1. a step whose gradients hold NaN or Inf is skipped (weights and the
+       inner optimizer's state unchanged, `skipped_steps` counted), or
+       raises with ``on_non_finite="raise"``;
+    2. value clipping: ``g <- clip(g, -c, c)``;
+    3. adaptive clipping (AGC) per output unit:
+       ``g <- g * lambda * max(||w||, eps) / ||g||`` where larger;
+    4. norm clipping per tensor: ``g <- g * c / ||g||`` where ``||g|| > c``;
+    5. global-norm clipping: ``g <- g * c / max(G, c)``,
+       ``G = sqrt(sum_i ||g_i||^2)``.
 
-    Each stage leaves a gradient exactly unchanged (bit for bit) when it is
-    below the threshold. The clipped gradients go to the inner optimizer,
-    which updates the weights as usual (learning-rate schedules, weight
-    decay, EMA, `iterations` all keep working; `learning_rate` and
-    `iterations` of the wrapper are those of the inner optimizer).
-
-    Under a `tf.distribute` strategy the clipping acts on the aggregated
-    (summed over replicas) gradient, so a global batch split over replicas
-    gets the same update as on one device (Keras's built-in `clipnorm` etc.
-    clip each replica's share). Under `mixed_float16`, `compile` wraps this
-    optimizer in a `LossScaleOptimizer`, which unscales the gradients before
-    they reach this wrapper; wrapping a `LossScaleOptimizer` directly also
-    works (the gradients are unscaled for clipping, and the loss-scale
-    optimizer still sees overflows).
-
-    Gradient health, kept in (non-trainable) optimizer variables and
-    readable after any step: `grad_norm` (the pre-clip global norm `G` of the
-    last step), `grad_norm_sum` (their sum over the applied steps, for
-    means), `seen_steps` (steps whose gradients reached the wrapper; an
-    outer `LossScaleOptimizer` holds back its overflow steps),
-    `clipped_steps` (steps in which any clipping stage changed a
-    gradient), `skipped_steps` (steps skipped for non-finite gradients) and
-    `variable_grad_norms` (the pre-clip norm of each variable's gradient).
-    `kreg.callbacks.GradientMonitor` puts them into the `fit` logs (History,
-    TensorBoard).
+    A gradient below a threshold passes bit for bit. `grad_norm`,
+    `clipped_steps`, `skipped_steps` and `variable_grad_norms` are readable
+    after any step, and `kreg.callbacks.GradientMonitor` logs them. How it
+    acts under `tf.distribute`, mixed precision and `jit_compile` is in
+    docs/clipping.md.
 
     Args:
-        optimizer: the `keras.optimizers.Optimizer` instance to wrap (or a
-            name/config accepted by `keras.optimizers.get`). When this
-            wrapper clips, the optimizer (and any optimizer it wraps) must
-            not clip as well: one with ``clipvalue``, ``clipnorm`` or
-            ``global_clipnorm`` set (or a `ClippedOptimizer` that clips) is
-            refused with a `ValueError`, since the gradients would be
-            clipped twice.
-        clipvalue: positive float or `None`: bound for value clipping.
+        optimizer: the optimizer to wrap (or a name or config). It must not
+            clip as well (a `ValueError` names its argument).
+        clipvalue: bound for value clipping. Defaults to `None`.
+        clipnorm: bound on each gradient's L2 norm. Defaults to `None`.
+        global_clipnorm: bound on the L2 norm of all gradients together.
             Defaults to `None`.
-        clipnorm: positive float or `None`: bound on each gradient tensor's
-            L2 norm. Defaults to `None`.
-        global_clipnorm: positive float or `None`: bound on the L2 norm of
-            all gradients together. Defaults to `None`.
-        agc_factor: positive float or `None`: the AGC clipping factor
-            `lambda` (Brock et al. suggest 0.01 to 0.16). Defaults to
-            `None`.
-        agc_epsilon: positive float, the smallest weight norm AGC uses (so
-            zero-initialized weights can move). Defaults to `1e-3`.
-        on_non_finite: `"skip"` (skip the step and count it), `"apply"`
-            (apply it as the inner optimizer would: measuring only) or
-            `"raise"`
-            (raise an error; where a backend cannot raise from inside the
-            compiled step - TensorFlow with `jit_compile=True` - the step is
-            skipped and `GradientMonitor` raises at the end of the batch;
-            on JAX with a GPU or TPU the error, raised by an asynchronous
-            host callback, surfaces when the next step is dispatched, or
-            at the end of the batch with `GradientMonitor`).
+        agc_factor: the AGC factor `lambda` (Brock et al.: 0.01 to 0.16).
+            Defaults to `None`.
+        agc_epsilon: the smallest weight norm AGC uses. Defaults to `1e-3`.
+        on_non_finite: `"skip"`, `"apply"` (measure only) or `"raise"`.
             Defaults to `"skip"`.
         name: optional name. Defaults to `None`.
 
@@ -536,8 +488,8 @@ class ClippedOptimizer(OptimizerWrapper):
         else:
             # A skipped step returns the old values, bit for bit. A cond
             # rather than a select of new and old values: XLA does not fuse
-            # the select into the update, an extra pass over every weight
-            # and moment (about 6 % of the MLP benchmark's step on CPU).
+            # the select into the update, which would add a pass over every
+            # weight and moment.
             new_trainable, new_inner = ops.cond(
                 finite,
                 apply_fn,

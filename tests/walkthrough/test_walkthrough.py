@@ -10,6 +10,7 @@ pytest.importorskip("sklearn")
 
 from kreg.walkthrough.__main__ import DEFAULT_EXPERIMENTS  # noqa: E402
 from kreg.walkthrough.__main__ import EXPERIMENTS  # noqa: E402
+from kreg.walkthrough.__main__ import NoRetracingWarning  # noqa: E402
 from kreg.walkthrough.__main__ import main  # noqa: E402
 from kreg.walkthrough.__main__ import parse_args  # noqa: E402
 
@@ -228,3 +229,17 @@ class DropoutPaperTest(unittest.TestCase):
                                    [[0, 0, 0], [1, 0, 1]])
         np.testing.assert_allclose(data.x_test,
                                    [[1, 0, 0.5], [0, 1, 0]])
+
+
+def test_the_retracing_warning_is_dropped_and_others_pass():
+    import logging
+
+    def record(message):
+        return logging.LogRecord("tensorflow", logging.WARNING, __file__, 1,
+                                 message, None, None)
+
+    keep = NoRetracingWarning().filter
+    assert not keep(record(
+        "5 out of the last 5 calls to <function f> triggered tf.function "
+        "retracing. Tracing is expensive ..."))
+    assert keep(record("Gradients do not exist for variables ['kernel']"))
