@@ -8,17 +8,21 @@ name, following the formulas of the lecture documents this project is built on.
 """
 
 from kreg import callbacks
+from kreg import diagnostics
 from kreg import layers
 from kreg import losses
 from kreg import metrics
 from kreg import models
 from kreg import optimizers
 from kreg import regularizers
+from kreg.diagnostics import diagnose
 from kreg.version import __version__
 
 __all__ = [
     "__version__",
     "callbacks",
+    "diagnose",
+    "diagnostics",
     "layers",
     "losses",
     "metrics",
