@@ -9,6 +9,7 @@ name, following the formulas of the lecture documents this project is built on.
 
 from kreg import callbacks
 from kreg import diagnostics
+from kreg import initializers
 from kreg import layers
 from kreg import losses
 from kreg import metrics
@@ -23,6 +24,7 @@ __all__ = [
     "callbacks",
     "diagnose",
     "diagnostics",
+    "initializers",
     "layers",
     "losses",
     "metrics",
