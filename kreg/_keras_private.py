@@ -25,6 +25,12 @@ the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
    to the callbacks in list order. Where the frame is not found, nothing
    is checked. Checked on Keras 3.15.1 (CallbackList.on_train_begin
    calls each callback's on_train_begin itself).
+4. ``layer._inbound_nodes[i].input_tensors`` (`call_input_tensors`,
+   below): the symbolic tensors a layer was called on in each graph.
+   ``kreg.diagnose`` and ``kreg.initializers.lsuv`` need the input of a
+   Functional model nested in another model: its public ``input`` returns
+   its own ``keras.Input`` (Functional overrides it), not the tensor of the
+   outer graph. Read only; checked on Keras 3.12.0 and 3.15.1.
 """
 
 import inspect
@@ -60,3 +66,10 @@ def calling_callback_list(max_depth=8):
         return None
     finally:
         del frame
+
+
+def call_input_tensors(layer):
+    """The flat input tensors of each of the layer's symbolic calls, oldest
+    first (see 4. above); ``[]`` where Keras keeps none."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    return [list(getattr(node, "input_tensors", ()) or ()) for node in nodes]

@@ -147,6 +147,16 @@ def check_example(namespace):
 
 # Per file, in the file's order: (prelude, {text: replacement} shortening
 # the run[, a check of the namespace after the block]).
+def prelude_initialization():
+    x, y = data(n=128, d=20, classes=10)
+    return {"x_train": 3 * x + 5, "y_train": y}
+
+
+def check_initialization(namespace):
+    assert namespace["report"].problems == []
+    assert all(abs(std - 1) <= 0.1 for std in namespace["stds"].values())
+
+
 PRELUDES = {
     "README.md": [
         (prelude_none, {"epochs=100": "epochs=2"}, check_example),
@@ -162,6 +172,8 @@ PRELUDES = {
     # Two processes: tests/callbacks/test_multi_worker_processes.py runs it.
     "docs/multi_worker.md": [(None, {})],
     "docs/ensembles.md": [(prelude_ensemble, {"epochs=40": "epochs=2"})],
+    "docs/initialization.md": [
+        (prelude_initialization, {}, check_initialization)],
     "docs/transfer.md": [
         (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning)],
 }
