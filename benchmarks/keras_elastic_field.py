@@ -50,7 +50,8 @@ def main():
         print(f"{name}: |dx - dy| median {np.median(gap):.2g} px, 99th "
               f"percentile {np.percentile(gap, 99):.2g} px, max "
               f"{gap.max():.2g} px; corr(dx, dy) {corr:.3f}, std dx "
-              f"{dx[inside].std():.2f} px, dy {dy[inside].std():.2f} px, images not warped "
+              f"{dx[inside].std():.2f} px, dy {dy[inside].std():.2f} px, "
+              f"images not warped "
               f"{still} of {BATCH}")
 
 
