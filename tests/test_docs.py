@@ -147,6 +147,12 @@ def check_example(namespace):
 
 # Per file, in the file's order: (prelude, {text: replacement} shortening
 # the run[, a check of the namespace after the block]).
+def prelude_augmentation():
+    rng = np.random.RandomState(0)
+    return {"x_train": rng.rand(32, 28, 28, 1).astype("float32"),
+            "y_train": rng.randint(0, 10, 32)}
+
+
 PRELUDES = {
     "README.md": [
         (prelude_none, {"epochs=100": "epochs=2"}, check_example),
@@ -164,6 +170,8 @@ PRELUDES = {
     "docs/ensembles.md": [(prelude_ensemble, {"epochs=40": "epochs=2"})],
     "docs/transfer.md": [
         (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning)],
+    "docs/augmentation.md": [
+        (prelude_augmentation, {"epochs=20": "epochs=1"})],
 }
 BLOCKS = [(path, index) for path, preludes in PRELUDES.items()
           for index in range(len(preludes))]
