@@ -157,6 +157,12 @@ def check_initialization(namespace):
     assert all(abs(std - 1) <= 0.1 for std in namespace["stds"].values())
 
 
+def prelude_augmentation():
+    rng = np.random.RandomState(0)
+    return {"x_train": rng.rand(32, 28, 28, 1).astype("float32"),
+            "y_train": rng.randint(0, 10, 32)}
+
+
 PRELUDES = {
     "README.md": [
         (prelude_none, {"epochs=100": "epochs=2"}, check_example),
@@ -176,6 +182,8 @@ PRELUDES = {
         (prelude_initialization, {}, check_initialization)],
     "docs/transfer.md": [
         (prelude_fine_tuning, {"epochs=20": "epochs=8"}, check_fine_tuning)],
+    "docs/augmentation.md": [
+        (prelude_augmentation, {"epochs=20": "epochs=1"})],
 }
 BLOCKS = [(path, index) for path, preludes in PRELUDES.items()
           for index in range(len(preludes))]

@@ -31,6 +31,7 @@ EXPERIMENTS = {
     "bagging": catalog.bagging,
     "labels": catalog.labels,
     "dropout_paper": catalog.dropout_paper,
+    "augmentation": catalog.augmentation,
 }
 # Run when --experiments is not given. dropout_paper is meant for MNIST
 # (about 30 CPU minutes with one seed): ask for it by name.
@@ -142,6 +143,8 @@ def main(argv=None):
                      report.plot_layer_norms(experiment, args.output)]
         if experiment.key == "bagging":
             plots.append(report.plot_reliability(experiment, args.output))
+        if experiment.key == "augmentation":
+            plots.append(report.plot_arm_accuracy(experiment, args.output))
         written.append((experiment, [p for p in plots if p]))
     path = report.write_markdown(written, args.output, header)
     count = sum(len(plots) for _, plots in written)

@@ -711,3 +711,117 @@ def error_notes(experiment, target=1.25):
                      f"{len(runs)} runs")
         notes.append(line)
     return notes
+
+
+def _image_side(dataset):
+    """The side of the square grayscale images behind `dataset`'s flat
+    inputs (8 for digits, 28 for MNIST); NotApplicable otherwise."""
+    side = int(round(np.sqrt(dataset.input_dim)))
+    if side * side != dataset.input_dim or side < 4:
+        raise NotApplicable(
+            f"{dataset.input_dim} inputs are not a square image")
+    return side
+
+
+def _with_label_noise(fraction):
+    """``train_data(seed, dataset)``: `fraction` of the training labels
+    replaced by classes drawn uniformly (the old class included)."""
+    import dataclasses
+
+    def train_data(seed, dataset):
+        rng = np.random.RandomState(1000 + seed)
+        labels = dataset.y_train.copy()
+        replaced = rng.rand(len(labels)) < fraction
+        labels[replaced] = rng.randint(0, dataset.num_classes,
+                                       replaced.sum())
+        return dataclasses.replace(dataset, y_train=labels)
+
+    return train_data
+
+
+def _image_model(dataset, seed, side, augmentations=(), hidden=(256, 256)):
+    """Flat inputs -> (side, side, 1) image -> `augmentations` (zero-argument
+    factories of layers, training only) -> flat -> the baseline MLP."""
+    layers = [keras.Input((dataset.input_dim,)),
+              keras.layers.Reshape((side, side, 1))]
+    layers += [make() for make in augmentations]
+    layers += [keras.layers.Flatten(), mlp(dataset, seed, hidden=hidden)]
+    return keras.Sequential(layers)
+
+
+def augmentation(dataset, quick=False):
+    """Lecture topic "data augmentation": more (synthetic) training images
+    against the same small training set; and noisy labels, with and
+    without label smoothing.
+
+    Inputs in [0, 1] (background 0), so shifted-in pixels are background.
+    Simard et al.'s MNIST distortion (alpha 34, sigma 4 pixels on 28 x 28)
+    is scaled to the image side s: sigma * s/28 keeps the field's
+    correlation length in image widths; alpha * (s/28)^2 keeps the
+    displacement's standard deviation (about alpha / (6.1 sigma)) in image
+    widths.
+    """
+    side = _image_side(dataset)
+    train_size = 300 if quick else 400
+    data = _unit_range(dataset.subset(train_size, seed=0))
+    scale = side / 28
+    alpha, sigma = 34.0 * scale**2, 4.0 * scale
+    shift = 1.0 / side if side <= 8 else 0.1  # one pixel at 8 x 8
+    degrees = 15.0
+
+    def translate(seed):
+        return lambda: keras.layers.RandomTranslation(
+            shift, shift, fill_mode="constant", seed=seed)
+
+    def rotate(seed):
+        return lambda: keras.layers.RandomRotation(
+            degrees / 360, fill_mode="constant", seed=seed)
+
+    def elastic(seed):
+        return lambda: kreg.layers.ElasticDeformation(alpha, sigma,
+                                                      seed=seed)
+
+    def noise(seed):
+        return lambda: kreg.layers.GaussianNoise(0.2, seed=seed)
+
+    def build(*makers):
+        def builder(seed, d):
+            return _image_model(d, seed, side,
+                                [make(seed) for make in makers])
+        return builder
+
+    def smoothed():
+        return kreg.losses.LabelSmoothingCrossentropy(0.2, from_logits=True)
+
+    noisy = _with_label_noise(0.2)
+    pixels = shift * side
+    arms = [
+        Arm("baseline", build()),
+        Arm("Gaussian noise 0.2 on inputs (kreg)", build(noise)),
+        Arm(f"translation ±{pixels:g} px + rotation ±{degrees:g}° (Keras)",
+            build(translate, rotate)),
+        Arm(f"elastic α {alpha:.2g}, σ {sigma:.2g} px (kreg)",
+            build(elastic)),
+        Arm("all of the above", build(noise, translate, rotate, elastic)),
+        Arm("20 % noisy labels, cross-entropy", build(), train_data=noisy),
+        Arm("20 % noisy labels, label smoothing 0.2", build(),
+            loss=smoothed, train_data=noisy),
+    ]
+    return Experiment(
+        key="augmentation",
+        title="Data augmentation and noisy labels",
+        question=(
+            f"A 256-256 ReLU network on {train_size} training images "
+            f"({side} x {side}, inputs in [0, 1]). Each arm transforms the "
+            "training images differently at every step (test images are "
+            "never transformed): Gaussian noise, Keras's random shifts "
+            "and rotations, kreg's elastic distortion (Simard et al. 2003, "
+            "α and σ scaled to the image side), all of them. The last two "
+            "arms train on labels of which 20 % were replaced by a "
+            "uniformly drawn class, with plain cross-entropy and with label "
+            "smoothing 0.2; all arms are tested on clean labels."
+        ),
+        dataset=data,
+        arms=arms,
+        epochs=8 if quick else 30,
+    )

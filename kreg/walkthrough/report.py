@@ -358,3 +358,40 @@ def plot_error_curves(experiment, folder, references=None):
     figure.savefig(os.path.join(folder, name), dpi=100)
     plt.close(figure)
     return name
+
+
+def plot_arm_accuracy(experiment, folder):
+    """Test accuracy per arm (mean ± std over seeds, each seed a dot), one
+    horizontal bar per arm; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [arm.name for arm in experiment.arms]
+    accuracies = [[r.test_accuracy for r in experiment.results
+                   if r.arm == name] for name in names]
+    figure, axis = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    rows = np.arange(len(names))[::-1]
+    means = [np.mean(a) if a else np.nan for a in accuracies]
+    stds = [np.std(a) if a else 0.0 for a in accuracies]
+    axis.barh(rows, means, xerr=stds, capsize=4,
+              color=[f"C{i % 10}" for i in range(len(names))], alpha=0.6)
+    for row, values in zip(rows, accuracies):
+        axis.plot(values, [row] * len(values), "k.", markersize=5)
+    finite = [m for m in means if np.isfinite(m)]
+    low = min(min(a) for a in accuracies if a) if finite else 0.0
+    axis.set_xlim(max(0.0, low - 0.05), 1.0)
+    axis.set_yticks(rows)
+    axis.set_yticklabels(names, fontsize=8)
+    axis.set_xlabel("test accuracy (clean labels; bar: mean ± std, dots: "
+                    "seeds)")
+    axis.grid(axis="x", alpha=0.3)
+    seeds = len({r.seed for r in experiment.results})
+    axis.set_title(f"{experiment.title}\n({seeds} seeds, "
+                   f"{experiment.epochs} epochs per arm)", fontsize=10)
+    figure.tight_layout()
+    name = f"{experiment.key}_accuracy.png"
+    figure.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(figure)
+    return name

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from kreg.layers import Dropout
+from kreg.layers import ElasticDeformation
 from kreg.layers import GaussianNoise
 from kreg.layers import WeightNoise
 from kreg.models import Ensemble
@@ -104,6 +105,27 @@ class _PerReplicaChecks:
                 halves = self.halves(lambda: GaussianNoise(0.5, seed=seed),
                                      x)
                 self.assert_uncorrelated(halves, 0.5, tolerance=0.06)
+
+    def test_elastic_deformation_fields(self):
+        # Identical coordinate images (channels: row, column): the warped
+        # column channel minus the column is each image's field dx. One
+        # draw shared by the replicas would give replica 1's images the
+        # fields of replica 0's.
+        size = 16
+        rows, cols = np.meshgrid(np.arange(size), np.arange(size),
+                                 indexing="ij")
+        image = np.stack([rows, cols], axis=-1).astype("float32")
+        x = np.stack([image] * ROWS)
+        halves = self.halves(
+            lambda: ElasticDeformation(2.0, 2.0, fill_mode="nearest"), x)
+        fields = [h[..., 1] - cols for h in halves]
+        for field in fields:
+            self.assertGreater(float(field.std()), 0.1)
+        r0_s1, r1_s1, r0_s2, r1_s2 = fields
+        for first, second in ((r0_s1, r1_s1), (r0_s2, r1_s2),
+                              (r0_s1, r0_s2), (r1_s1, r0_s2)):
+            for a, b in zip(first, second):
+                self.assertGreater(float(np.abs(a - b).max()), 0.2)
 
     def test_weight_noise_is_one_draw_per_step_as_on_one_device(self):
         # WeightNoise perturbs the kernel once per step for the whole batch,
