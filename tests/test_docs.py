@@ -145,8 +145,6 @@ def check_example(namespace):
     assert namespace["model"].history.history["accuracy"][-1] > 0.2
 
 
-# Per file, in the file's order: (prelude, {text: replacement} shortening
-# the run[, a check of the namespace after the block]).
 def prelude_initialization():
     x, y = data(n=128, d=20, classes=10)
     return {"x_train": 3 * x + 5, "y_train": y}
@@ -163,6 +161,8 @@ def prelude_augmentation():
             "y_train": rng.randint(0, 10, 32)}
 
 
+# Per file, in the file's order: (prelude, {text: replacement} shortening
+# the run[, a check of the namespace after the block]).
 PRELUDES = {
     "README.md": [
         (prelude_none, {"epochs=100": "epochs=2"}, check_example),
