@@ -9,6 +9,7 @@ import numpy as np
 
 from kreg.callbacks import EMA
 from kreg.callbacks import BackupAndRestore
+from kreg.callbacks import EarlyStopping
 from kreg.callbacks import FineTuning
 from kreg.callbacks import GradientMonitor
 from kreg.optimizers import FineTuningOptimizer
@@ -51,6 +52,34 @@ class Recorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(weights(self.model))
+
+
+def set_weights(model, values):
+    for variable in model.weights:
+        variable.assign(values[variable.path])
+
+
+def plain_step(start, optimizer, epochs=1, batch_size=32):
+    """The weights of a plain Keras model (no FineTuning) with the weights
+    `start` after `epochs` epochs of `optimizer` on (X, Y)."""
+    _, reference = make_model(optimizer, batch_normalization=False)
+    set_weights(reference, start)
+    reference.fit(X, Y, batch_size=batch_size, epochs=epochs, verbose=0,
+                  shuffle=False)
+    return weights(reference)
+
+
+def all_layers(layer):
+    """`layer` and every layer nested in it, parents first."""
+    found = [layer]
+    for child in getattr(layer, "layers", []):
+        found += all_layers(child)
+    return found
+
+
+def trainable_flags(model):
+    return ([(layer.name, layer.trainable) for layer in all_layers(model)],
+            [v.path for v in model.trainable_variables])
 
 
 def changed(before, after):
@@ -104,6 +133,136 @@ class FineTuningTest(TestCase):
             self.assertAllClose(after[path] - start[path],
                                 factor * (expected[path] - start[path]),
                                 atol=1e-6)
+
+    def test_schedule_base_steps_at_the_factor_of_the_rate_of_its_step(self):
+        # One step per epoch; step t of a plain SGD from the same weights
+        # at the schedule's rate of step t (by hand: 0.1 * 0.5**t).
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            0.1, decay_steps=1, decay_rate=0.5)
+        base, model = make_model(keras.optimizers.SGD(schedule),
+                                 batch_normalization=False)
+        recorder = Recorder()
+        model.fit(X, Y, batch_size=32, epochs=3, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=0, base_learning_rate_factor=0.5),
+            recorder])
+        for step, (before, after) in enumerate(
+                zip(recorder.epochs, recorder.epochs[1:])):
+            expected = plain_step(before,
+                                  keras.optimizers.SGD(0.1 * 0.5 ** step))
+            for path in before:
+                factor = 0.5 if path.startswith("base/") else 1.0
+                self.assertAllClose(after[path] - before[path],
+                                    factor * (expected[path] - before[path]),
+                                    atol=1e-6, msg=f"step {step} {path}")
+
+    def test_learning_rate_callback_sets_the_base_rate_too(self):
+        rates = [0.1, 0.05, 0.02]
+        base, model = make_model(keras.optimizers.SGD(0.3),
+                                 batch_normalization=False)
+        recorder = Recorder()
+        model.fit(X, Y, batch_size=32, epochs=3, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=0, base_learning_rate_factor=0.5),
+            keras.callbacks.LearningRateScheduler(lambda epoch: rates[epoch]),
+            recorder])
+        for step, (before, after) in enumerate(
+                zip(recorder.epochs, recorder.epochs[1:])):
+            expected = plain_step(before, keras.optimizers.SGD(rates[step]))
+            for path in before:
+                factor = 0.5 if path.startswith("base/") else 1.0
+                self.assertAllClose(after[path] - before[path],
+                                    factor * (expected[path] - before[path]),
+                                    atol=1e-6, msg=f"step {step} {path}")
+
+    def test_second_fit_uses_its_own_callback(self):
+        base, model = make_model(keras.optimizers.SGD(0.1),
+                                 batch_normalization=False)
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=0, base_learning_rate_factor=0.1)])
+        start = weights(model)
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=0, base_learning_rate_factor=1.0)])
+        expected = plain_step(start, keras.optimizers.SGD(0.1))
+        for path, value in expected.items():
+            self.assertAllClose(weights(model)[path], value, atol=1e-6,
+                                msg=path)
+
+    def test_plain_fit_afterwards_is_the_compiled_optimizer(self):
+        optimizer = keras.optimizers.Adam(1e-2)
+        base, model = make_model(optimizer, batch_normalization=False)
+        model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=1, base_learning_rate_factor=0.1)])
+        self.assertIs(model.optimizer, optimizer)
+        self.assertEqual(int(self.to_numpy(optimizer.iterations)), 2)
+        # A plain Keras model with these weights and this optimizer state.
+        start = weights(model)
+        _, reference = make_model(keras.optimizers.Adam(1e-2),
+                                  batch_normalization=False)
+        set_weights(reference, start)
+        reference.optimizer.build(reference.trainable_variables)
+        for mine, theirs in zip(optimizer.variables,
+                                reference.optimizer.variables):
+            theirs.assign(mine)
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        reference.fit(X, Y, batch_size=32, epochs=1, verbose=0,
+                      shuffle=False)
+        for path, value in weights(reference).items():
+            self.assertAllClose(weights(model)[path], value, atol=1e-6,
+                                msg=path)
+
+    def test_base_optimizer_state_is_kept_for_a_plain_fit(self):
+        # Factor 1 from the first epoch is a plain fit; the plain fit after
+        # it continues the base's moments: both equal one plain fit.
+        base, model = make_model(keras.optimizers.Adam(1e-2),
+                                 batch_normalization=False)
+        start = weights(model)
+        model.fit(X, Y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[FineTuning(base, freeze_epochs=0,
+                                        base_learning_rate_factor=1.0)])
+        model.fit(X, Y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        expected = plain_step(start, keras.optimizers.Adam(1e-2), epochs=2,
+                              batch_size=16)
+        for path, value in expected.items():
+            self.assertAllClose(weights(model)[path], value, atol=1e-6,
+                                msg=path)
+
+    def test_early_stopping_in_the_frozen_stage_restores_the_flags(self):
+        base, model = make_model()
+        before = trainable_flags(model)
+        stopper = EarlyStopping(monitor="loss", baseline=-1.0, patience=1)
+        model.fit(X, Y, batch_size=8, epochs=6, verbose=0, callbacks=[
+            FineTuning(base, freeze_epochs=4), stopper])
+        self.assertLess(stopper.stopped_epoch, 4)
+        self.assertEqual(trainable_flags(model), before)
+        path = os.path.join(tempfile.mkdtemp(), "m.keras")
+        model.save(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = keras.models.load_model(path)
+        self.assertEqual([str(w.message) for w in caught], [])
+        self.assertEqual(trainable_flags(loaded), before)
+        self.assertAllClose(loaded.predict(X, verbose=0),
+                            model.predict(X, verbose=0))
+        for mine, theirs in zip(model.optimizer.variables,
+                                loaded.optimizer.variables):
+            self.assertAllEqual(theirs, mine)
+
+    def test_a_base_frozen_before_fit_is_frozen_after(self):
+        base, model = make_model()
+        base.trainable = False
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        before = trainable_flags(model)
+        recorder = Recorder()
+        model.fit(X, Y, batch_size=8, epochs=2, verbose=0,
+                  callbacks=[FineTuning(base), recorder])
+        self.assertEqual(changed(recorder.epochs[1], recorder.epochs[2]),
+                         ["b1", "b2", "b3", "head"])
+        self.assertEqual(trainable_flags(model), before)
+        path = os.path.join(tempfile.mkdtemp(), "m.keras")
+        model.save(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            keras.models.load_model(path)
+        self.assertEqual([str(w.message) for w in caught], [])
 
     def test_adam_starts_afresh_for_the_base(self):
         # Adam's first step moves each weight by lr (|g| >> epsilon); a base
