@@ -27,21 +27,28 @@ class FineTuning(keras.callbacks.Callback):
     For the first `freeze_epochs` epochs the base is frozen and only the
     rest of the model (the head) trains. Then the base's layers with weights
     are unfrozen from the top in `unfreeze_steps` blocks, one more block
-    every `epochs_per_step` epochs, with ``base_learning_rate_factor`` times
-    the head's learning rate (Howard & Ruder 2018, "gradual unfreezing" and
-    "discriminative fine-tuning"; Yosinski et al. 2014). Batch
-    normalization in the base stays frozen, so it runs in inference mode
-    with the pre-trained statistics (Keras's fine-tuning convention), unless
+    every `epochs_per_step` epochs, at ``base_learning_rate_factor`` times
+    the head's learning rate of the same step, schedules and rate callbacks
+    included (Howard & Ruder 2018, "gradual unfreezing" and "discriminative
+    fine-tuning"; Yosinski et al. 2014). Batch normalization in the base
+    stays frozen, so it runs in inference mode with the pre-trained
+    statistics (Keras's fine-tuning convention), unless
     ``freeze_batch_normalization=False``.
 
-    The stage is a function of the epoch number, so a ``fit`` resumed by
-    `BackupAndRestore` continues in the stage it was in. Keras compiles a
-    train step for a fixed set of trainable weights, so each change of
-    stage rebuilds it with the public ``model.make_train_function(force=
-    True)``; no ``compile`` is needed, and the optimizer state is kept: the
-    callback puts a `kreg.optimizers.FineTuningOptimizer` around the model's
-    optimizer, with the head's state in the compiled optimizer and the
-    base's in a second one. List it before an `EMA` or a `GradientMonitor`.
+    The stage is a function of the epoch, so a ``fit`` resumed by
+    `BackupAndRestore` continues in its stage. Each change of stage calls
+    ``model.make_train_function(force=True)``. For the fit, a
+    `kreg.optimizers.FineTuningOptimizer` goes around the compiled optimizer
+    (inside a `LossScaleOptimizer` or `ClippedOptimizer`): the head keeps
+    its state, the base gets a second optimizer whose step count starts
+    when it first trains.
+
+    When the fit ends (early stopping included), every layer's `trainable`
+    is the one it had before the fit and the model's optimizer is the
+    compiled one, now with the base's moments: a ``.keras`` file saved then
+    loads with its optimizer state, and a later ``fit`` trains as its own
+    callbacks say. After a fit ended by an exception, this happens when the
+    next ``fit`` with a `FineTuning` begins.
 
     Args:
         base: the pre-trained part: a layer or model inside the fitted model,

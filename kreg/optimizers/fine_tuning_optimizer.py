@@ -44,19 +44,21 @@ class FineTuningOptimizer(OptimizerWrapper):
     trainable weights, all unfrozen) are updated by a second
     optimizer of the inner optimizer's class and settings (made from its
     config), whose learning rate is at every step ``base_learning_rate_factor``
-    times the inner one's (following its schedule): discriminative learning
-    rates (Howard & Ruder 2018). Its own `iterations` start when the base
-    first trains, so Adam's bias correction starts afresh for the base
-    instead of treating its zero moments as long-trained ones. The other
-    weights (the head) are updated by the inner optimizer, whose state is
-    kept across stages.
+    times the inner one's of the same step (its schedule at the step, or
+    the rate a callback set): discriminative learning rates (Howard & Ruder
+    2018). Its own `iterations` start when the base first trains, so Adam's
+    bias correction starts afresh for the base instead of treating its zero
+    moments as long-trained ones. The other weights (the head) are updated
+    by the inner optimizer, whose state is kept across stages. An inner
+    ``global_clipnorm`` clips the base's and the head's gradients together.
 
     Any subset of the weights it was built with may be trainable at a step
     (a layer's ``trainable`` changed, then the public
     ``model.make_train_function(force=True)``): only those are updated, on
-    every backend. `kreg.callbacks.FineTuning` installs it, and keeps the
-    base optimizer's state in its backup state (checkpoints hold the inner
-    optimizer's, as without the wrapper).
+    every backend. `kreg.callbacks.FineTuning` installs it for a fit, keeps
+    the base optimizer's state in its backup state (checkpoints hold the
+    inner optimizer's, as without the wrapper) and at the end hands the
+    base's moments to the inner optimizer (`hand_back_base_state`).
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` for the head: a plain
@@ -154,7 +156,11 @@ class FineTuningOptimizer(OptimizerWrapper):
     def hand_back_base_state(self):
         """Copies the base optimizer's per-weight state (moments) into the
         inner optimizer's state of the same weights, where it has some:
-        the inner optimizer then continues the base's moments alone."""
+        the inner optimizer then continues the base's moments alone.
+        Nothing changes when the base has not trained."""
+        if int(keras.ops.convert_to_numpy(
+                self.base_optimizer.iterations)) == 0:
+            return
         inner = {v.name: v for v in self.inner_optimizer.variables}
         # Keras names a weight's state `<weight path, "/" as "_">_<name>`.
         prefixes = tuple(f"{v.path.replace('/', '_')}_"
