@@ -106,20 +106,21 @@ def prelude_fine_tuning():
 
 
 def check_fine_tuning(namespace):
-    """The schedule's optimizer is in; batch normalization in the base kept
-    its pre-trained statistics; the L2-SP penalty is in the losses."""
+    """The compiled optimizer is back after the fit; batch normalization in
+    the base kept its pre-trained statistics; the L2-SP penalty is in the
+    losses."""
     model = namespace["model"]
-    assert isinstance(model.optimizer, kreg.optimizers.FineTuningOptimizer)
+    assert type(model.optimizer) is keras.optimizers.Adam
     saved = keras.models.load_model("pretrained_base.keras").layers[1]
     trained = model.layers[0].layers[1]
     for before, after in zip(saved.weights, trained.weights):
         assert np.array_equal(keras.ops.convert_to_numpy(before),
                               keras.ops.convert_to_numpy(after))
-    # The penalty of each base kernel training now (Keras leaves out those
-    # of frozen layers); the top one is unfrozen at the end.
+    # The penalty of each base kernel (Keras leaves out those of frozen
+    # layers): the layers are trainable again after the fit, as before it.
     training = [layer for layer in model.layers[0].layers
                 if isinstance(layer, keras.layers.Dense) and layer.trainable]
-    assert training and len(model.losses) == len(training)
+    assert len(training) == 2 and len(model.losses) == len(training)
 
 
 def check_regularizers(namespace):

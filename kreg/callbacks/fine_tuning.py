@@ -1,5 +1,6 @@
 """FineTuning: train a pre-trained base frozen, then unfrozen from the top."""
 
+import contextlib
 import warnings
 
 import keras
@@ -8,8 +9,9 @@ from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.fine_tuning_optimizer import FineTuningOptimizer
 from kreg.optimizers.optimizer_wrapper import find_wrapper
-from kreg.optimizers.optimizer_wrapper import install
+from kreg.optimizers.optimizer_wrapper import optimizer_chain
 from kreg.utils.layers import leaf_layers
+from kreg.utils.layers import walk_layers
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_integer
 from kreg.utils.validation import check_number
@@ -25,21 +27,28 @@ class FineTuning(keras.callbacks.Callback):
     For the first `freeze_epochs` epochs the base is frozen and only the
     rest of the model (the head) trains. Then the base's layers with weights
     are unfrozen from the top in `unfreeze_steps` blocks, one more block
-    every `epochs_per_step` epochs, with ``base_learning_rate_factor`` times
-    the head's learning rate (Howard & Ruder 2018, "gradual unfreezing" and
-    "discriminative fine-tuning"; Yosinski et al. 2014). Batch
-    normalization in the base stays frozen, so it runs in inference mode
-    with the pre-trained statistics (Keras's fine-tuning convention), unless
+    every `epochs_per_step` epochs, at ``base_learning_rate_factor`` times
+    the head's learning rate of the same step, schedules and rate callbacks
+    included (Howard & Ruder 2018, "gradual unfreezing" and "discriminative
+    fine-tuning"; Yosinski et al. 2014). Batch normalization in the base
+    stays frozen, so it runs in inference mode with the pre-trained
+    statistics (Keras's fine-tuning convention), unless
     ``freeze_batch_normalization=False``.
 
-    The stage is a function of the epoch number, so a ``fit`` resumed by
-    `BackupAndRestore` continues in the stage it was in. Keras compiles a
-    train step for a fixed set of trainable weights, so each change of
-    stage rebuilds it with the public ``model.make_train_function(force=
-    True)``; no ``compile`` is needed, and the optimizer state is kept: the
-    callback puts a `kreg.optimizers.FineTuningOptimizer` around the model's
-    optimizer, with the head's state in the compiled optimizer and the
-    base's in a second one. List it before an `EMA` or a `GradientMonitor`.
+    The stage is a function of the epoch, so a ``fit`` resumed by
+    `BackupAndRestore` continues in its stage. Each change of stage calls
+    ``model.make_train_function(force=True)``. For the fit, a
+    `kreg.optimizers.FineTuningOptimizer` goes around the compiled optimizer
+    (inside a `LossScaleOptimizer` or `ClippedOptimizer`): the head keeps
+    its state, the base gets a second optimizer whose step count starts
+    when it first trains.
+
+    When the fit ends (early stopping included), every layer's `trainable`
+    is the one it had before the fit and the model's optimizer is the
+    compiled one, now with the base's moments: a ``.keras`` file saved then
+    loads with its optimizer state, and a later ``fit`` trains as its own
+    callbacks say. After a fit ended by an exception, this happens when the
+    next ``fit`` with a `FineTuning` begins.
 
     Args:
         base: the pre-trained part: a layer or model inside the fitted model,
@@ -101,16 +110,41 @@ class FineTuning(keras.callbacks.Callback):
             raise ValueError(
                 "FineTuning needs a compiled model: call `model.compile(...)` "
                 "before `fit`.")
-        self._blocks = self._base_blocks(model)
-        if find_wrapper(model.optimizer, FineTuningOptimizer) is None:
-            self._install(model)
+        # A FineTuning fit ended by an exception left its optimizer in.
+        uninstall(model)
+        if find_wrapper(model.optimizer, FineTuningOptimizer) is not None:
+            raise ValueError(
+                "The model is compiled with a FineTuningOptimizer: compile "
+                "it with a plain optimizer to fit it with a FineTuning "
+                "callback.")
+        base = self._find_base(model)
+        self._flags = [(layer, layer.trainable)
+                       for layer in _nested_layers(base)]
+        trainable = list(model.trainable_variables)
+        self._blocks = self._base_blocks(model, base)
+        try:
+            base.trainable = True
+            self._install(model, trainable)
+        except Exception:
+            for layer, flag in self._flags:
+                layer.trainable = flag
+            raise
+        self._training = False
         # The first epoch's stage before Keras compiles the train step; a
         # resumed fit changes it when its first epoch begins.
         self._set_stage(0, rebuild=True)
 
     def on_train_begin(self, logs=None):
+        self._training = True
         self._backup_folder = registry.backup_folder(self, None)
         self._resumed = False
+
+    def on_test_begin(self, logs=None):
+        if not self._training:  # `evaluate` or `predict`, not `fit`
+            uninstall(self.model)
+
+    def on_predict_begin(self, logs=None):
+        self.on_test_begin(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._set_stage(self.unfrozen_blocks(epoch), rebuild=True)
@@ -153,6 +187,8 @@ class FineTuning(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._backup_folder is not None:
             state_files.delete_state(self._backup_folder, _STATE_NAME)
+        self._training = False
+        uninstall(self.model)
 
     def _base_optimizer(self):
         return find_wrapper(self.model.optimizer,
@@ -171,17 +207,18 @@ class FineTuning(keras.callbacks.Callback):
         if rebuild and self.model.train_function is not None:
             self.model.make_train_function(force=True)
 
-    def _base_blocks(self, model):
-        base = self.base
-        if isinstance(base, str):
-            try:
-                base = model.get_layer(base)
-            except ValueError:
-                raise ValueError(
-                    "Invalid value received for argument `base`: the model "
-                    f"has no layer named {base!r}. Received: base={base!r}"
-                ) from None
-        base.trainable = True
+    def _find_base(self, model):
+        if not isinstance(self.base, str):
+            return self.base
+        try:
+            return model.get_layer(self.base)
+        except ValueError:
+            raise ValueError(
+                "Invalid value received for argument `base`: the model has "
+                f"no layer named {self.base!r}. Received: base={self.base!r}"
+            ) from None
+
+    def _base_blocks(self, model, base):
         layers = [layer for layer in leaf_layers(base) if layer.weights]
         in_model = {id(v) for v in model.weights}
         if not any(id(w) in in_model for layer in layers
@@ -209,19 +246,50 @@ class FineTuning(keras.callbacks.Callback):
             start = stop
         return blocks
 
-    def _install(self, model):
-        """Puts a FineTuningOptimizer, built for every weight the schedule
-        will train, around the model's optimizer."""
+    def _install(self, model, trainable):
+        """Puts a FineTuningOptimizer around the plain optimizer at the
+        bottom of the model's chain of optimizers, built for the weights
+        `trainable` before the fit and every weight the stages will train;
+        the plain optimizer is built on `trainable`, as by a plain fit."""
         self._set_stage(self.unfreeze_steps, rebuild=False)
-        trained = list(model.trainable_variables)
+        trained = {id(v) for v in model.trainable_variables}
+        self.stage = None
+        known = trained | {id(v) for v in trainable}
+        var_list = [v for v in model.variables if id(v) in known]
         base_ids = {id(v) for block in self._blocks for layer in block
                     for v in layer.trainable_variables}
-        indices = [i for i, v in enumerate(trained) if id(v) in base_ids]
-        install(model, FineTuningOptimizer, lambda optimizer: (
-            FineTuningOptimizer(optimizer, indices,
-                                self.base_learning_rate_factor)),
-            var_list=trained)
-        self.stage = None
+        chain = list(optimizer_chain(model.optimizer))
+        strategy = getattr(model, "distribute_strategy", None)
+        with (strategy.scope() if strategy is not None
+              else contextlib.nullcontext()):
+            if not chain[-1].built:
+                chain[-1].build(trainable)
+            if not chain[0].built:
+                chain[0].build(var_list)
+            for wrapper in chain[:-1]:
+                built = getattr(wrapper, "built_variables", None)
+                if built is not None and not trained <= {id(v)
+                                                         for v in built}:
+                    raise ValueError(
+                        f"The model's optimizer {wrapper.name!r} was built "
+                        "without the base's weights (an EMA or "
+                        "GradientMonitor listed before FineTuning, or from "
+                        "an earlier fit with the base frozen): list "
+                        "FineTuning first, or compile the model again.")
+            wrapper = FineTuningOptimizer(
+                chain[-1], [i for i, v in enumerate(var_list)
+                            if id(v) in base_ids],
+                self.base_learning_rate_factor)
+            wrapper.saves_inner_state_only = True
+            # Not tracked: what `uninstall` puts back after the fit.
+            object.__setattr__(wrapper, "trainable_flags", self._flags)
+            wrapper.build(var_list)
+        if len(chain) == 1:
+            model.optimizer = wrapper
+        else:
+            chain[-2].inner_optimizer = wrapper
+        if model.train_function is not None:
+            model.make_train_function(force=True)
 
     def get_config(self):
         base = self.base if isinstance(self.base, str) else self.base.name
@@ -234,3 +302,37 @@ class FineTuning(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _nested_layers(layer):
+    """`layer` and the layers in it, each before its own (a model's
+    `layers`; another layer's sublayers)."""
+    if isinstance(layer, keras.Model):
+        children = layer.layers
+    else:
+        children = [child for child, chain in walk_layers(layer)
+                    if len(chain) == 2]
+    return [layer] + [nested for child in children
+                      for nested in _nested_layers(child)]
+
+
+def uninstall(model):
+    """Takes a FineTuning callback's FineTuningOptimizer out of `model`'s
+    optimizer chain: the base's optimizer state goes to the plain
+    optimizer, and the layers' `trainable` flags back to those before the
+    fit."""
+    chain = list(optimizer_chain(getattr(model, "optimizer", None)))
+    for parent, wrapper in zip([None] + chain, chain):
+        if hasattr(wrapper, "trainable_flags"):
+            break
+    else:
+        return
+    for layer, trainable in wrapper.trainable_flags:
+        layer.trainable = trainable
+    wrapper.hand_back_base_state()
+    if parent is None:
+        model.optimizer = wrapper.inner_optimizer
+    else:
+        parent.inner_optimizer = wrapper.inner_optimizer
+    if model.train_function is not None:
+        model.make_train_function(force=True)

@@ -23,6 +23,19 @@ class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         )
 
 
+def _clip_by_global_norm(grads, clipnorm):
+    """`grads` scaled by ``clipnorm / max(norm, clipnorm)`` (Keras's
+    `global_clipnorm`), over the base's and the head's together."""
+    if not clipnorm:
+        return grads
+    present = [g for g in grads if g is not None]
+    norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(
+        keras.ops.cast(g, "float32"))) for g in present))
+    scale = clipnorm / keras.ops.maximum(norm, clipnorm)
+    return [None if g is None else g * keras.ops.cast(scale, g.dtype)
+            for g in grads]
+
+
 @keras.saving.register_keras_serializable(package="kreg")
 class FineTuningOptimizer(OptimizerWrapper):
     """Trains a pre-trained base with its own optimizer state and lower rate.
@@ -31,19 +44,21 @@ class FineTuningOptimizer(OptimizerWrapper):
     trainable weights, all unfrozen) are updated by a second
     optimizer of the inner optimizer's class and settings (made from its
     config), whose learning rate is at every step ``base_learning_rate_factor``
-    times the inner one's (following its schedule): discriminative learning
-    rates (Howard & Ruder 2018). Its own `iterations` start when the base
-    first trains, so Adam's bias correction starts afresh for the base
-    instead of treating its zero moments as long-trained ones. The other
-    weights (the head) are updated by the inner optimizer, whose state is
-    kept across stages.
+    times the inner one's of the same step (its schedule at the step, or
+    the rate a callback set): discriminative learning rates (Howard & Ruder
+    2018). Its own `iterations` start when the base first trains, so Adam's
+    bias correction starts afresh for the base instead of treating its zero
+    moments as long-trained ones. The other weights (the head) are updated
+    by the inner optimizer, whose state is kept across stages. An inner
+    ``global_clipnorm`` clips the base's and the head's gradients together.
 
     Any subset of the weights it was built with may be trainable at a step
     (a layer's ``trainable`` changed, then the public
     ``model.make_train_function(force=True)``): only those are updated, on
-    every backend. `kreg.callbacks.FineTuning` installs it, and keeps the
-    base optimizer's state in its backup state (checkpoints hold the inner
-    optimizer's, as without the wrapper).
+    every backend. `kreg.callbacks.FineTuning` installs it for a fit, keeps
+    the base optimizer's state in its backup state (checkpoints hold the
+    inner optimizer's, as without the wrapper) and at the end hands the
+    base's moments to the inner optimizer (`hand_back_base_state`).
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` for the head: a plain
@@ -79,8 +94,8 @@ class FineTuningOptimizer(OptimizerWrapper):
                 "Invalid value received for argument `optimizer`. Expected "
                 "a plain Keras optimizer with a learning rate (not a "
                 "wrapper such as a LossScaleOptimizer, ClippedOptimizer or "
-                "the EMA's AveragingOptimizer: list `FineTuning` before the "
-                "`EMA`/`GradientMonitor` callbacks). Received: "
+                "the EMA's AveragingOptimizer: put those around the "
+                "FineTuningOptimizer). Received: "
                 f"optimizer={optimizer!r}")
         config.update(name=f"{optimizer.name}_base", learning_rate=(
             _ScaledLearningRate(optimizer, self.base_learning_rate_factor)))
@@ -128,11 +143,34 @@ class FineTuningOptimizer(OptimizerWrapper):
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
+        grads = _clip_by_global_norm(
+            list(grads), self.inner_optimizer.global_clipnorm)
         base, head = self._split(trainable_variables, grads)
-        for optimizer, pairs in ((self.inner_optimizer, head),
-                                 (self.base_optimizer, base)):
+        # The base first: its rate is read from the inner optimizer's
+        # schedule at the step, before the head's update counts it.
+        for optimizer, pairs in ((self.base_optimizer, base),
+                                 (self.inner_optimizer, head)):
             if pairs:
                 optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    def hand_back_base_state(self):
+        """Copies the base optimizer's per-weight state (moments) into the
+        inner optimizer's state of the same weights, where it has some:
+        the inner optimizer then continues the base's moments alone.
+        Nothing changes when the base has not trained."""
+        if int(keras.ops.convert_to_numpy(
+                self.base_optimizer.iterations)) == 0:
+            return
+        inner = {v.name: v for v in self.inner_optimizer.variables}
+        # Keras names a weight's state `<weight path, "/" as "_">_<name>`.
+        prefixes = tuple(f"{v.path.replace('/', '_')}_"
+                         for v in self.built_variables
+                         if id(v) in self._base_ids)
+        for variable in self.base_optimizer.variables:
+            target = inner.get(variable.name)
+            if (variable.name.startswith(prefixes) and target is not None
+                    and tuple(target.shape) == tuple(variable.shape)):
+                target.assign(keras.ops.copy(variable))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         variables = self.trained_variables()
