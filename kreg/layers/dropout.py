@@ -26,9 +26,10 @@ class Dropout(keras.layers.Layer):
     and `kreg.models.predict_with_uncertainty` (and inside
     ``with kreg.layers.mc_sampling(model):``), so repeated predictions
     sample an ensemble of sub-networks. Ordinary ``predict``, ``evaluate``
-    and the validation inside ``fit`` stay deterministic. Changing
-    ``layer.mc`` takes effect at the next such call. The lecture's typical
-    rates: 0.2 on inputs, 0.5 on hidden units.
+    and the validation inside ``fit`` stay deterministic (an ``mc=True``
+    layer draws its mask there too, and returns its input unchanged).
+    Changing ``layer.mc`` takes effect at the next such call. The
+    lecture's typical rates: 0.2 on inputs, 0.5 on hidden units.
 
     A drop-in for `keras.layers.Dropout` (same arguments and defaults), plus
     ``mc``. Unlike Keras, ``rate=1`` is refused: it would drop everything and
@@ -67,23 +68,33 @@ class Dropout(keras.layers.Layer):
         self.seed = check_optional_seed("seed", seed)
         self.mc = check_bool("mc", mc)
         self.seed_generator = ReplicaSeedGenerator(self.seed)
-        # Switched on by `mc_sampling` for the Monte-Carlo passes only; read
-        # when the predict/test step is traced (mc_sampling rebuilds them).
-        self._mc_sampling = False
+        # On during `mc_sampling` only; read by the compiled steps as state.
+        self._mc_switch = _SamplingSwitch(name=f"{self.name}_mc_switch")
+        # Whether a call at inference ran without `mc` (a predict or test
+        # function traced then ignores the switch: see `mc_sampling`).
+        self._inference_without_mc = False
         self.supports_masking = True
         if _builds_at_init(self):
             self.built = True
 
     def call(self, inputs, training=False):
-        sampling = self.mc and self._mc_sampling
-        if (training or sampling) and self.rate > 0:
-            return keras.random.dropout(
-                inputs,
-                self.rate,
-                noise_shape=self._resolved_noise_shape(inputs),
-                seed=self.seed_generator,
-            )
+        if self.rate == 0:
+            return inputs
+        if training:
+            return self._dropped(inputs)
+        if self.mc:
+            return keras.ops.where(self._mc_switch.is_on(),
+                                   self._dropped(inputs), inputs)
+        self._inference_without_mc = True
         return inputs
+
+    def _dropped(self, inputs):
+        return keras.random.dropout(
+            inputs,
+            self.rate,
+            noise_shape=self._resolved_noise_shape(inputs),
+            seed=self.seed_generator,
+        )
 
     def _resolved_noise_shape(self, inputs):
         if self.noise_shape is None:
@@ -111,6 +122,33 @@ class Dropout(keras.layers.Layer):
             "mc": self.mc,
         }
         return {**super().get_config(), **config}
+
+
+class _SamplingSwitch(keras.random.SeedGenerator):
+    """Monte-Carlo sampling on or off, as state of the layer that owns it.
+
+    A compiled predict or test step reads it at run time, so switching it
+    needs no new trace (JAX reuses a traced step even when Keras builds
+    the function again). It is a `keras.random.SeedGenerator` for where
+    Keras keeps such state: in ``layer.variables``, the state a compiled
+    step takes in, but not in ``layer.weights``, so ``get_weights``,
+    ``set_weights`` and saved files stay those of `keras.layers.Dropout`.
+    It draws no seeds: ``state[0]`` is 1 while on, else 0.
+    """
+
+    def __init__(self, name=None):
+        super().__init__(seed=0, name=name)
+
+    def is_on(self):
+        """A boolean scalar tensor."""
+        return keras.ops.greater(self.state.value[0], 0)
+
+    def get(self):
+        return bool(keras.ops.convert_to_numpy(self.state.value)[0] > 0)
+
+    def set(self, on):
+        self.state.assign(keras.ops.convert_to_tensor(
+            [1 if on else 0, 0], dtype=self.state.dtype))
 
 
 def _builds_at_init(layer):

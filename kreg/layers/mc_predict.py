@@ -15,12 +15,15 @@ def mc_sampling(model):
 
     Inside the block, every `kreg.layers.Dropout` with ``mc=True`` in
     ``model`` samples its masks at inference too (``predict``,
-    ``predict_on_batch``, ``evaluate``, ``model(x)``); everything else
-    (batch normalization, other dropout layers) stays in inference mode.
-    The model's cached predict and test functions are set aside on entry
-    (so they are traced again with the sampling on) and put back on exit,
-    so ordinary inference after the block is deterministic again, without
-    a new trace. `mc_predict` uses it for its passes.
+    ``predict_on_batch``, ``evaluate``, the validation inside ``fit``,
+    ``model(x)``); everything else (batch normalization, other dropout
+    layers) stays in inference mode. On exit, also when the block raises,
+    inference is deterministic again. The switch is state that the
+    model's compiled functions read, so entering and leaving the block
+    traces nothing again, with or without ``jit_compile`` (only after
+    ``mc`` was switched on in a layer whose inference was traced without
+    it are the predict and test functions made again). `mc_predict` uses
+    it for its passes.
 
     Args:
         model: a built `keras.Model` (or layer) with at least one
@@ -41,22 +44,21 @@ def mc_sampling(model):
 
 @contextlib.contextmanager
 def _sampling(model, layers):
-    is_model = isinstance(model, keras.Model)
-    if is_model:
-        saved = (model.predict_function, model.test_function)
-        # Traced again, with the sampling on, at their next use.
-        model.predict_function = None
-        model.test_function = None
-    previous = [layer._mc_sampling for layer in layers]
+    if isinstance(model, keras.Model) and any(
+            layer._inference_without_mc for layer in layers):
+        # Traced while `mc` was off: those functions ignore the switch.
+        model.make_predict_function(force=True)
+        model.make_test_function(force=True)
+        for layer in layers:
+            layer._inference_without_mc = False
+    previous = [layer._mc_switch.get() for layer in layers]
     try:
         for layer in layers:
-            layer._mc_sampling = True
+            layer._mc_switch.set(True)
         yield model
     finally:
         for layer, value in zip(layers, previous):
-            layer._mc_sampling = value
-        if is_model:
-            model.predict_function, model.test_function = saved
+            layer._mc_switch.set(value)
 
 
 def _check_model(model):
@@ -110,9 +112,10 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
             Defaults to ``None``.
 
     Returns:
-        A tuple ``(mean, std)`` of NumPy arrays with the shape of one
-        prediction: the mean over the T passes and the (population) standard
-        deviation.
+        A tuple ``(mean, std)``, each with the structure and shapes of the
+        model's prediction (one NumPy array, or a list/dict of them for
+        several outputs): the mean over the T passes and the (population)
+        standard deviation.
 
     Reference:
         Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing
@@ -124,20 +127,25 @@ def mc_predict(model, x, num_samples=20, batch_size=None):
                                allow_none=True)
     batches = _batches(x, batch_size)
     sampling = mc_sampling(model)
-    samples = []
+    samples = []  # per batch: the passes stacked on a new first axis
     with sampling:
         for batch in batches:
-            samples.append(np.stack([
-                keras.ops.convert_to_numpy(model.predict_on_batch(batch))
+            passes = [
+                keras.tree.map_structure(keras.ops.convert_to_numpy,
+                                         model.predict_on_batch(batch))
                 for _ in range(num_samples)
-            ]))
+            ]
+            samples.append(keras.tree.map_structure(
+                lambda *each: np.stack(each), *passes))
     if not samples:
         raise ValueError(
             "Invalid value received for argument `x`. Expected at least one "
             f"batch. Received: x={x!r} with no batches"
         )
-    samples = np.concatenate(samples, axis=1)
-    return samples.mean(axis=0), samples.std(axis=0)
+    samples = keras.tree.map_structure(
+        lambda *each: np.concatenate(each, axis=1), *samples)
+    return (keras.tree.map_structure(lambda s: s.mean(axis=0), samples),
+            keras.tree.map_structure(lambda s: s.std(axis=0), samples))
 
 
 def _batches(x, batch_size):
