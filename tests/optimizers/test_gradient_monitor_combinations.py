@@ -24,33 +24,49 @@ def _data():
     return x, y1, y2, weights
 
 
-def _two_output_model():
+def _two_output_model(nested=False):
+    """Two linear outputs; the first (kreg L2 on its kernel) inside a
+    nested Sequential when `nested`."""
     inputs = keras.Input((D,))
     first = keras.layers.Dense(
         1, kernel_initializer=keras.initializers.Constant(W1),
         bias_initializer=keras.initializers.Constant(B1),
-        kernel_regularizer=L2(L2_STRENGTH), name="first")(inputs)
+        kernel_regularizer=L2(L2_STRENGTH), name="first")
+    if nested:
+        first = keras.Sequential([keras.Input((D,)), first], name="sub")
     second = keras.layers.Dense(
         1, kernel_initializer=keras.initializers.Constant(W2),
         bias_initializer=keras.initializers.Constant(B2),
         name="second")(inputs)
-    return keras.Model(inputs, [first, second])
+    return keras.Model(inputs, [first(inputs), second])
 
 
-def numpy_two_output_norm(x, y1, y2, sw, loss_weights=(1.0, 0.5)):
-    """Global gradient norm of ``a1 * sum(sw * e1^2) + a2 * sum(sw * e2^2)
-    / B + L2 / 2 * ||W1||^2`` (reductions "sum" and
-    "sum_over_batch_size") at the initial weights."""
+def numpy_two_output_layer_norms(x, y1, y2, sw, loss_weights=(1.0, 0.5)):
+    """Gradient norms of the layers "first" and "second" for ``a1 *
+    sum(sw * e1^2) + a2 * sum(sw * e2^2) / B + L2 / 2 * ||W1||^2``
+    (reductions "sum" and "sum_over_batch_size") at the initial
+    weights."""
     a1, a2 = loss_weights
     e1 = (x @ np.full((D, 1), W1) + B1 - y1)[:, 0] * sw
     e2 = (x @ np.full((D, 1), W2) + B2 - y2)[:, 0] * sw
-    grads = [
-        a1 * 2 * x.T @ e1 + L2_STRENGTH * np.full(D, W1),
-        [a1 * 2 * e1.sum()],
-        a2 * 2 * x.T @ e2 / len(x),
-        [a2 * 2 * e2.sum() / len(x)],
-    ]
-    return np.sqrt(sum(np.sum(np.square(g)) for g in grads))
+    first = [a1 * 2 * x.T @ e1 + L2_STRENGTH * np.full(D, W1),
+             a1 * 2 * e1.sum()]
+    second = [a2 * 2 * x.T @ e2 / len(x), a2 * 2 * e2.sum() / len(x)]
+    return [np.sqrt(sum(np.sum(np.square(g)) for g in grads))
+            for grads in (first, second)]
+
+
+def numpy_two_output_norm(*arrays):
+    """The global gradient norm of the same loss."""
+    return np.sqrt(np.sum(np.square(numpy_two_output_layer_norms(*arrays))))
+
+
+def _compile_two_outputs(model, **kwargs):
+    model.compile(
+        keras.optimizers.SGD(0.0),
+        [keras.losses.MeanSquaredError(reduction="sum"),
+         keras.losses.MeanSquaredError()],
+        loss_weights=[1.0, 0.5], **kwargs)
 
 
 class _Batches(keras.utils.PyDataset):
@@ -104,12 +120,8 @@ class GradNormByHandTest(TestCase, parameterized.TestCase):
             for i in range(0, N, BATCH)
         ])
         model = _two_output_model()
-        model.compile(
-            keras.optimizers.SGD(0.0),
-            [keras.losses.MeanSquaredError(reduction="sum"),
-             keras.losses.MeanSquaredError()],
-            loss_weights=[1.0, 0.5],
-            jit_compile=self.jit_compile_setting() if kind == "numpy"
+        _compile_two_outputs(
+            model, jit_compile=self.jit_compile_setting() if kind == "numpy"
             else "auto")
         history = model.fit(**_inputs(kind, arrays), epochs=2, shuffle=False,
                             verbose=0, callbacks=[GradientMonitor()])
@@ -140,3 +152,29 @@ class GradNormByHandTest(TestCase, parameterized.TestCase):
                             callbacks=[GradientMonitor()])
         self.assertAllClose(history.history["grad_norm"], [np.mean(norms)],
                             rtol=1e-5)
+
+    def test_reused_in_a_second_fit_of_a_nested_model(self):
+        # One monitor in two fits: each epoch's grad_norm and the last
+        # per-layer norms (a layer inside a nested model among them) are
+        # those computed by hand; its config round-trips.
+        arrays = _data()
+        x, y1, y2, sw = arrays
+        model = _two_output_model(nested=True)
+        _compile_two_outputs(model)
+        monitor = GradientMonitor(frequency=1, vanishing_threshold=1e-9)
+        for _ in range(2):
+            history = model.fit(x, (y1, y2), sample_weight=sw,
+                                batch_size=BATCH, epochs=1, shuffle=False,
+                                verbose=0, callbacks=[monitor])
+            expected = np.mean([
+                numpy_two_output_norm(*(a[i:i + BATCH] for a in arrays))
+                for i in range(0, N, BATCH)])
+            self.assertAllClose(history.history["grad_norm"], [expected],
+                                rtol=1e-5)
+        last = numpy_two_output_layer_norms(*(a[-BATCH:] for a in arrays))
+        self.assertEqual(sorted(monitor.layer_norms),
+                         ["second", "sub/first"])
+        self.assertAllClose([monitor.layer_norms["sub/first"],
+                             monitor.layer_norms["second"]], last, rtol=1e-5)
+        self.assertEqual(len(monitor.history), 2 * (N // BATCH))
+        self.run_config_round_trip(monitor)
