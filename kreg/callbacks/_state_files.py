@@ -53,6 +53,10 @@ _OWNERS = {
     "kreg_fine_tuning": (
         "kreg.callbacks.FineTuning",
         "the base's optimizer state (moments, step count) starts over"),
+    "kreg_random_state": (
+        "kreg.callbacks.BackupAndRestore",
+        "the seeded noise layers (Dropout, GaussianNoise, WeightNoise) draw "
+        "their noise from the start of their streams again"),
     "kreg_retrain_phase2_logs": (
         "kreg.callbacks.RetrainOnFullData",
         "the History lacks the logs of the earlier phase-2 epochs"),

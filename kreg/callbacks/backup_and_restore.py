@@ -4,11 +4,16 @@ import os
 import shutil
 
 import keras
+import numpy as np
 
 from kreg.callbacks import _registry as registry
+from kreg.callbacks import _state_files as state_files
 from kreg import _keras_private as keras_private
 from kreg.utils.distribute import worker_path
 from kreg.utils.validation import check_bool, check_integer
+
+# The model's random-generator states, beside Keras's backup.
+_RANDOM_STATE = "kreg_random_state"
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -28,7 +33,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     Keras's callback resumes a `fit` at the saved epoch by leaving that epoch
     on the model, where it stays: the model's next `fit` would also skip
-    that many epochs. This one clears it when training ends.
+    that many epochs. This one clears it when training ends. Keras's
+    backup holds the weights but not the states of the model's random
+    generators (the seeded `Dropout`, `GaussianNoise` and `WeightNoise`
+    streams): this one saves them too, so a `fit` resumed in a new process
+    draws the noise of an uninterrupted run.
 
     Arguments are Keras's (`backup_dir`, `save_freq`, `double_checkpoint`,
     `delete_checkpoint`), checked when it is built: `save_freq` is
@@ -78,10 +87,58 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             # Another worker than the chief resumes from the chief's files.
             copy_files(self.shared_backup_dir, self.backup_dir)
         super().on_train_begin(logs)
+        self._random_state_resumed = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if not self._random_state_resumed:
+            # The first epoch: the one the fit resumes at.
+            self._random_state_resumed = True
+            saved = random_states(self.model) and state_files.resume_state(
+                self.shared_backup_dir, _RANDOM_STATE, epoch)
+            if saved:
+                _set_random_states(self.model, saved[1],
+                                   state_files.state_path(
+                                       self.shared_backup_dir, _RANDOM_STATE))
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Before Keras's backup of the epoch (the previous generation is
+        # kept for a fit killed between the two).
+        states = random_states(self.model)
+        if states:
+            state_files.save_state(
+                self.shared_backup_dir, _RANDOM_STATE, {"epoch": epoch + 1},
+                [keras.ops.convert_to_numpy(v.value) for v in states],
+                keep_previous=True)
+        super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
+        if self.delete_checkpoint:
+            state_files.delete_state(self.shared_backup_dir, _RANDOM_STATE)
         keras_private.forget_resumed_epoch(self.model)
+
+
+def random_states(model):
+    """The state variables of the model's random generators
+    (`keras.random.SeedGenerator`): its non-trainable variables that are
+    not weights, which `model.save_weights` leaves out."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.non_trainable_variables
+            if id(v) not in weights]
+
+
+def _set_random_states(model, arrays, path):
+    variables = random_states(model)
+    shapes = [tuple(v.shape) for v in variables]
+    saved = [tuple(np.shape(a)) for a in arrays]
+    if saved != shapes:
+        raise ValueError(
+            f"The random-generator states in {path!r} do not belong to this "
+            f"model: they have the shapes {saved}, its generators {shapes}. "
+            "Delete the backup folder to start training over.")
+    for variable, value in zip(variables, arrays):
+        variable.assign(value)
 
 
 def copy_files(source, target):

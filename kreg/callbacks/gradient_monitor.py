@@ -117,6 +117,10 @@ class GradientMonitor(keras.callbacks.Callback):
             "warn": self.warn,
         }
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     # Reading the optimizer -----------------------------------------------
     def set_model(self, model):
         super().set_model(model)

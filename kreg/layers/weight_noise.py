@@ -23,8 +23,10 @@ class WeightNoise(keras.layers.Wrapper):
     outside training the wrapper returns exactly ``layer(x)``. Only kernels
     (``kernel``, ``depthwise_kernel``, ``pointwise_kernel``,
     ``recurrent_kernel``, ``embeddings``) get noise, never biases or
-    normalization parameters. For a `Dense` layer and a fixed input ``x``,
-    each output unit gets extra noise ``N(0, stddev^2 * ||x||^2)``.
+    normalization parameters, nor frozen kernels: a frozen layer
+    (``trainable=False``, as in fine-tuning) runs as the layer it wraps.
+    For a `Dense` layer and a fixed input ``x``, each output unit gets
+    extra noise ``N(0, stddev^2 * ||x||^2)``.
 
     One draw per step serves the whole batch; under a distribution
     (`tf.distribute`, `keras.distribution`) every replica of a step uses
@@ -70,16 +72,17 @@ class WeightNoise(keras.layers.Wrapper):
         self._inner_takes_training = (
             "training" in inspect.signature(layer.call).parameters
         )
-        self._noisy = None
         if layer.built:
             self._find_kernels()
 
+    def _noisy(self):
+        """The places of the kernels among the layer's trainable weights
+        (none while it is frozen)."""
+        return [i for i, v in enumerate(self.layer.trainable_variables)
+                if short_name(v) in KERNEL_NAMES]
+
     def _find_kernels(self):
-        self._noisy = [
-            i for i, v in enumerate(self.layer.trainable_variables)
-            if short_name(v) in KERNEL_NAMES
-        ]
-        if not self._noisy:
+        if not self._noisy():
             raise ValueError(
                 "Invalid value received for argument `layer`. Expected a "
                 "layer with a trainable kernel (kernel, depthwise_kernel, "
@@ -95,11 +98,12 @@ class WeightNoise(keras.layers.Wrapper):
 
     def call(self, inputs, training=False):
         kwargs = {"training": training} if self._inner_takes_training else {}
-        if not (training and self.stddev > 0):
+        noisy = self._noisy() if training and self.stddev > 0 else []
+        if not noisy:
             return self.layer(inputs, **kwargs)
         trainable = list(self.layer.trainable_variables)
         values = list(trainable)
-        for i in self._noisy:
+        for i in noisy:
             variable = trainable[i]
             value = keras.ops.cast(variable.value, variable.dtype)
             noise = keras.random.normal(
