@@ -7,30 +7,28 @@ from kreg.utils.layers import walk_layers
 from kreg.utils.warn import warn_user
 
 
-def vary_seeded_initializers(model, index, seed):
-    """Gives member `index` of an ensemble made from one model or factory
-    draws of its own where an initializer carries an integer seed (which
-    would draw the same weights in every member).
+def vary_seeded_initializers(members, seed):
+    """Gives the members of an ensemble made from one model or factory
+    draws of their own where an initializer carries the same integer seed
+    as the one in member 0's same place (which would draw the same
+    weights).
 
-    Each such initializer is replaced by one seeded from its seed, `index`
-    and the ensemble's `seed`; a variable it made is drawn again from the
-    new one unless it changed since (weights the factory loaded).
+    Such an initializer of member ``i > 0`` is replaced by one seeded from
+    its seed, ``i`` and the ensemble's `seed`; a variable it made is drawn
+    again from the new one unless it changed since (weights the factory
+    loaded).
     """
-    for layer, _ in walk_layers(model):
-        for name, initializer in list(vars(layer).items()):
-            if name.startswith("_") or not name.endswith("_initializer") or (
-                    not isinstance(initializer,
-                                   keras.initializers.Initializer)):
-                continue
-            config = initializer.get_config()
-            user_seed = config.get("seed")
-            if not isinstance(user_seed, int) or isinstance(user_seed, bool):
+    first = [user_seed for *_, user_seed in _seeded_initializers(members[0])]
+    for index, member in enumerate(members[1:], start=1):
+        for place, (layer, name, initializer, user_seed) in enumerate(
+                _seeded_initializers(member)):
+            if place >= len(first) or first[place] != user_seed:
                 continue
             entropy = [user_seed % 2**32, index]
             if seed is not None:
                 entropy.append(seed)
-            config["seed"] = int(
-                np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
+            config = dict(initializer.get_config(), seed=int(
+                np.random.SeedSequence(entropy).generate_state(1)[0] >> 1))
             replacement = type(initializer).from_config(config)
             setattr(layer, name, replacement)
             variable = getattr(layer, name[:-len("_initializer")], None)
@@ -41,6 +39,23 @@ def vary_seeded_initializers(model, index, seed):
                               keras.ops.convert_to_numpy(
                                   initializer(shape, dtype=dtype))):
                 variable.assign(replacement(shape, dtype=dtype))
+
+
+def _seeded_initializers(model):
+    """``(layer, attribute, initializer, seed)`` for every initializer
+    with an integer seed in `model`'s layers (``*_initializer``
+    attributes), in one order."""
+    found = []
+    for layer, _ in walk_layers(model):
+        for name, initializer in vars(layer).items():
+            if name.startswith("_") or not name.endswith("_initializer") or (
+                    not isinstance(initializer,
+                                   keras.initializers.Initializer)):
+                continue
+            user_seed = initializer.get_config().get("seed")
+            if isinstance(user_seed, int) and not isinstance(user_seed, bool):
+                found.append((layer, name, initializer, user_seed))
+    return found
 
 
 def warn_if_identical(members):

@@ -48,8 +48,9 @@ class Ensemble(keras.Model):
     its own draw ``K ~ Poisson(1)``; weights files (`BackupAndRestore`,
     ``.keras``) keep the draws' random state. ``mode="full"``: members see
     all the data and differ by their initialization. Members made from one
-    model or factory whose initializers carry seeds draw their weights from
-    seeds derived from those, their index and `seed` (member 0 keeps them).
+    model or factory whose initializers carry the same seeds draw their
+    weights from seeds derived from those, their index and `seed` (member 0
+    keeps its own).
 
     Train it as the model being fit (`fit`, `train_on_batch`): inside
     another model it predicts, and trains only frozen (``trainable=False``);
@@ -101,6 +102,8 @@ class Ensemble(keras.Model):
         self.seed_generator = (ReplicaSeedGenerator(seed)
                                if mode == "bootstrap" else None)
         if all(member.built for member in self.members):
+            if all(hasattr(m, "outputs") for m in self.members):
+                _check_alike_outputs([m.outputs for m in self.members])
             self.build(None)
 
     def build(self, input_shape):
@@ -331,6 +334,7 @@ def _times_draws(sample_weight, draws, targets):
         return keras.tree.map_structure(lambda _: draws, targets)
 
     def one(weight):
+        weight = ops.convert_to_tensor(weight)
         shape = (-1,) + (1,) * (len(weight.shape) - 1)
         return weight * ops.cast(ops.reshape(draws, shape), weight.dtype)
 
@@ -441,7 +445,6 @@ def _make_members(members, num_members, seed):
             "distinct models (a function must return a new model at each "
             f"call). Received: members={members!r}")
     if not isinstance(members, (list, tuple)):
-        for index, member in enumerate(made[1:], start=1):
-            vary_seeded_initializers(member, index, seed)
+        vary_seeded_initializers(made, seed)
     warn_if_identical(made)
     return made
