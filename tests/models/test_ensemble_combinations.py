@@ -16,7 +16,7 @@ import numpy as np
 import kreg
 from kreg.models import Ensemble, predict_with_uncertainty
 from kreg.models.ensemble import BOOTSTRAP_WEIGHTS, MEMBER_OUTPUTS
-from kreg.testing import TestCase
+from kreg.testing import TestCase, jax_data_parallel, mirrored_strategy
 from tests.callbacks.helpers import Interrupt
 
 REDUCTIONS = ("sum_over_batch_size", "sum", "mean_with_sample_weight")
@@ -181,6 +181,27 @@ class EnsembleCombinationsTest(TestCase):
                     for a, b in zip(copy.get_weights(),
                                     member.get_weights()):
                         self.assertAllClose(b, a, atol=1e-5)
+
+    def test_each_member_steps_as_alone_when_distributed(self):
+        # Two replicas (tf.distribute, keras.distribution): the ensemble's
+        # train step runs in each replica's thread.
+        backend = keras.backend.backend()
+        if backend == "torch":
+            self.skipTest("no in-process distribution on PyTorch")
+        scope = (mirrored_strategy().scope() if backend == "tensorflow"
+                 else jax_data_parallel())
+        with scope:
+            ensemble = Ensemble(make_member, num_members=2)
+            copies = [make_member() for _ in ensemble.members]
+            for copy, member in zip(copies, ensemble.members):
+                copy.set_weights(member.get_weights())
+            for model in [ensemble, *copies]:
+                model.compile(keras.optimizers.SGD(0.5), sparse_ce())
+                model.fit(Data.x, Data.y, batch_size=16, epochs=1,
+                          shuffle=False, verbose=0)
+        for copy, member in zip(copies, ensemble.members):
+            for a, b in zip(copy.get_weights(), member.get_weights()):
+                self.assertAllClose(b, a, atol=1e-5)
 
     def test_bootstrap_draws_weigh_each_members_loss(self):
         # The draws are sample weights of the member's own loss: NumPy's
