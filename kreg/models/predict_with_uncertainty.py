@@ -35,6 +35,8 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
     Returns:
         ``(mean, std)``: NumPy arrays with the shape of one prediction; the
         standard deviation is the population one, over members or passes.
+        For an ensemble with several outputs, `mean` and `std` are each a
+        list (or dict) like the model's outputs: one array per output.
 
     Example:
 
@@ -51,7 +53,8 @@ def predict_with_uncertainty(model, x, num_samples=20, batch_size=None,
     check_bool("from_logits", from_logits)
     if isinstance(model, Ensemble):
         samples = model.predict_members(x, batch_size=batch_size)
-        return samples.mean(axis=0), samples.std(axis=0)
+        return (keras.tree.map_structure(lambda s: s.mean(axis=0), samples),
+                keras.tree.map_structure(lambda s: s.std(axis=0), samples))
     if from_logits:
         model = keras.Sequential([model, keras.layers.Activation(
             _probabilities)])

@@ -26,7 +26,6 @@ from kreg.layers import ElasticDeformation
 from kreg.layers import GaussianNoise
 from kreg.layers import WeightNoise
 from kreg.models import Ensemble
-from kreg.models.ensemble import BOOTSTRAP_WEIGHTS
 from kreg.testing import TestCase
 from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
@@ -196,8 +195,9 @@ class MirroredStrategyTest(_PerReplicaChecks, TestCase):
                 self.ensemble = ensemble
 
             def call(self, inputs):
-                out = self.ensemble(inputs, training=True)
-                return keras.ops.transpose(out[BOOTSTRAP_WEIGHTS])
+                batch = keras.ops.shape(inputs)[0]
+                return keras.ops.transpose(
+                    self.ensemble.draw_bootstrap_weights(batch))
 
         x = np.zeros((4000, 2), "float32")
         with self.distributed():

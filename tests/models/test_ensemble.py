@@ -97,10 +97,7 @@ class EnsembleTest(TestCase):
     def test_bootstrap_weights_are_poisson_one_and_differ_by_member(self):
         ensemble = Ensemble(make_member, num_members=5, mode="bootstrap",
                             seed=3)
-        x = np.zeros((4000, 6), "float32")
-        out = ensemble(x, training=True)
-        self.assertEqual(len(out[MEMBER_OUTPUTS]), 5)
-        weights = self.to_numpy(out[BOOTSTRAP_WEIGHTS])
+        weights = self.to_numpy(ensemble.draw_bootstrap_weights(4000))
         self.assertEqual(weights.shape, (5, 4000))
         self.assertTrue(np.all(weights == np.round(weights)))
         # Never seen this epoch: P(K = 0) = 1/e; 20,000 draws give a
@@ -112,15 +109,16 @@ class EnsembleTest(TestCase):
         # Members draw independently: correlation near 0.
         correlation = np.corrcoef(weights)[np.triu_indices(5, 1)]
         self.assertLess(np.abs(correlation).max(), 0.06)
-        second = self.to_numpy(ensemble(x, training=True)[BOOTSTRAP_WEIGHTS])
+        second = self.to_numpy(ensemble.draw_bootstrap_weights(4000))
         self.assertFalse(np.array_equal(weights, second))
 
     def test_bootstrap_loss_weighs_samples_by_the_draws(self):
         ensemble = Ensemble(make_member, num_members=2, mode="bootstrap",
                             seed=0)
         ensemble.compile("sgd", sparse_ce())
-        y_pred = ensemble(self.x, training=True)
-        draws = self.to_numpy(y_pred[BOOTSTRAP_WEIGHTS])
+        draws = self.to_numpy(ensemble.draw_bootstrap_weights(len(self.x)))
+        y_pred = {MEMBER_OUTPUTS: [m(self.x) for m in ensemble.members],
+                  BOOTSTRAP_WEIGHTS: draws}
         loss = self.to_numpy(ensemble.compute_loss(
             self.x, self.y, y_pred, training=True))
         expected = 0.0
