@@ -12,14 +12,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-
-import kreg  # noqa: E402
 from common import interleaved  # noqa: E402
 from common import jit_compile_value  # noqa: E402
 from common import mlp  # noqa: E402
 from common import mnist_train_batches  # noqa: E402
 from common import parse_args  # noqa: E402
 from common import report  # noqa: E402
+
+import kreg  # noqa: E402
 
 
 def main():

@@ -20,14 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
-from common import (
-    interleaved,
-    jit_compile_value,
-    mlp,
-    mnist_train_batches,
-    parse_args,
-    report,
-)
+from common import interleaved
+from common import jit_compile_value
+from common import mlp
+from common import mnist_train_batches
+from common import parse_args
+from common import report
 
 import kreg
 from kreg.callbacks.gradient_monitor import GradientMonitor

@@ -33,7 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
-from common import mlp, mnist_train_batches
+from common import mlp
+from common import mnist_train_batches
 
 import kreg
 

@@ -22,7 +22,8 @@ def parse_args(description, **defaults):
         help="folder with the four MNIST IDX files (gzipped or not); "
         "random data of the same shape when absent",
     )
-    parser.add_argument("--rounds", type=int, default=defaults.get("rounds", 15))
+    parser.add_argument("--rounds", type=int,
+                        default=defaults.get("rounds", 15))
     parser.add_argument("--steps", type=int, default=defaults.get("steps", 20),
                         help="train steps timed per round and variant")
     parser.add_argument("--batch-size", type=int, default=128)

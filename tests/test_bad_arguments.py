@@ -461,7 +461,8 @@ ROWS = (
                ({"save_freq": "bogus"}, ValueError),
                ({"save_freq": 2.5}, TypeError),
                ({"save_freq": np.int64(2)}, None)],
-              [({"backup_dir": None}, ValueError), ({"backup_dir": 5}, TypeError)],
+              [({"backup_dir": None}, ValueError),
+               ({"backup_dir": 5}, TypeError)],
               bools("double_checkpoint"), bools("delete_checkpoint"))
     + rows_of("callbacks.EarlyStopping", numbers("min_delta"),
               numbers("baseline", optional=True),
@@ -536,7 +537,8 @@ def test_argument(row, tmp_path, monkeypatch):
     got, error = outcome(row)
     expected = "accepted" if row.error is None else "clear error"
     assert got == expected, (
-        f"{row.id}: {got}; expected {row.error.__name__ if row.error else 'no error'} "
+        f"{row.id}: {got}; expected "
+        f"{row.error.__name__ if row.error else 'no error'} "
         f"with {row.fragments}; got {type(error).__name__}: {error}")
 
 

@@ -6,11 +6,12 @@ import shutil
 import keras
 import numpy as np
 
+from kreg import _keras_private as keras_private
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
-from kreg import _keras_private as keras_private
 from kreg.utils.distribute import worker_path
-from kreg.utils.validation import check_bool, check_integer
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
 
 # The model's random-generator states, beside Keras's backup.
 _RANDOM_STATE = "kreg_random_state"

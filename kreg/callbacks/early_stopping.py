@@ -8,9 +8,10 @@ import numpy as np
 
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
-from kreg.utils.validation import check_optional_path
-from kreg.utils.validation import check_bool, check_number
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_number
 from kreg.utils.validation import check_one_of
+from kreg.utils.validation import check_optional_path
 
 _STATE_NAME = "kreg_early_stopping"
 

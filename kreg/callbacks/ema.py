@@ -9,9 +9,11 @@ import numpy as np
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.averaging_optimizer import AveragingOptimizer
-from kreg.optimizers.optimizer_wrapper import install, optimizer_chain
-from kreg.utils.validation import (check_bool, check_number,
-                                   check_optional_path)
+from kreg.optimizers.optimizer_wrapper import install
+from kreg.optimizers.optimizer_wrapper import optimizer_chain
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_number
+from kreg.utils.validation import check_optional_path
 
 _STATE_NAME = "kreg_ema"
 

@@ -8,7 +8,8 @@ import numpy as np
 from kreg import _keras_private
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
 from kreg.optimizers.optimizer_wrapper import install
-from kreg.utils.validation import check_bool, check_integer
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
 from kreg.utils.validation import check_number
 from kreg.utils.warn import warn_user
 

@@ -6,9 +6,12 @@ import keras
 
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
-from kreg.callbacks.backup_and_restore import check_path, check_save_freq
+from kreg.callbacks.backup_and_restore import check_path
+from kreg.callbacks.backup_and_restore import check_save_freq
 from kreg.utils.distribute import worker_path
-from kreg.utils.validation import check_bool, check_integer, check_number
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_number
 from kreg.utils.validation import check_one_of
 
 

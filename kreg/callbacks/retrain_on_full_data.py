@@ -10,15 +10,22 @@ import keras
 from kreg import _keras_private as keras_private
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
-from kreg.callbacks import early_stopping, ema
-from kreg.callbacks._retrain_phase2 import (_check_full_data, _logged,
-                                            _numbers, _Phase2Logs, _rows,
-                                            _set_rows, _up_to)
+from kreg.callbacks import early_stopping
+from kreg.callbacks import ema
+from kreg.callbacks._retrain_phase2 import _check_full_data
+from kreg.callbacks._retrain_phase2 import _logged
+from kreg.callbacks._retrain_phase2 import _numbers
+from kreg.callbacks._retrain_phase2 import _Phase2Logs
+from kreg.callbacks._retrain_phase2 import _rows
+from kreg.callbacks._retrain_phase2 import _set_rows
+from kreg.callbacks._retrain_phase2 import _up_to
 from kreg.callbacks.backup_and_restore import BackupAndRestore
 from kreg.utils import fit_arguments
 from kreg.utils.distribute import worker_path
-from kreg.utils.validation import (check_bool, check_integer, check_one_of,
-                                   check_optional_path)
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_one_of
+from kreg.utils.validation import check_optional_path
 
 _ALGORITHMS = ("restart", "continue")
 _LENGTHS = ("epochs", "steps", "scaled")

@@ -9,6 +9,7 @@ from kreg.utils.layers import short_name
 from kreg.utils.validation import check_number
 from kreg.utils.validation import check_optional_seed
 
+
 @keras.saving.register_keras_serializable(package="kreg")
 class WeightNoise(keras.layers.Wrapper):
     """Adds zero-mean Gaussian noise to a layer's kernels in training only.

@@ -13,7 +13,9 @@ from kreg.models._member_weights import vary_seeded_initializers
 from kreg.models._member_weights import warn_if_identical
 from kreg.models._stacked_members import StackedMembers
 from kreg.utils.distribute import ReplicaSeedGenerator
-from kreg.utils.validation import check_bool, check_integer, check_one_of
+from kreg.utils.validation import check_bool
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_one_of
 from kreg.utils.validation import check_optional_seed
 from kreg.utils.warn import warn_user
 

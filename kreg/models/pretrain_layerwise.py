@@ -4,7 +4,8 @@ import keras
 import numpy as np
 
 from kreg.layers.dropout import Dropout
-from kreg.utils.validation import check_integer, check_number
+from kreg.utils.validation import check_integer
+from kreg.utils.validation import check_number
 from kreg.utils.validation import check_optional_seed
 
 

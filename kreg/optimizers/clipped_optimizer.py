@@ -1,12 +1,14 @@
-"""ClippedOptimizer: gradient clipping and non-finite protection as a wrapper."""
+"""ClippedOptimizer: gradient clipping and non-finite protection."""
 
 import keras
 import numpy as np
 from keras import ops
 
-from kreg.optimizers.optimizer_wrapper import OptimizerWrapper, optimizer_chain
-from kreg.utils.validation import (check_number, check_one_of,
-                                   check_optional_positive)
+from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.optimizers.optimizer_wrapper import optimizer_chain
+from kreg.utils.validation import check_number
+from kreg.utils.validation import check_one_of
+from kreg.utils.validation import check_optional_positive
 
 _NON_FINITE_MESSAGE = (
     "ClippedOptimizer: non-finite gradient (NaN or Inf); the step was not "
@@ -160,7 +162,8 @@ class ClippedOptimizer(OptimizerWrapper):
     # The gradient transformation ----------------------------------------
     def _loss_scale(self):
         """The inner LossScaleOptimizer's current scale, or None."""
-        if isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer):
+        if isinstance(self.inner_optimizer,
+                      keras.optimizers.LossScaleOptimizer):
             return self.inner_optimizer.dynamic_scale
         return None
 

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 
 from kreg.regularizers import _utils
-from kreg.utils.layers import KERNEL_NAMES
-from kreg.utils.layers import short_name
 from kreg.regularizers.l2 import L2
 from kreg.regularizers.parameter_sharing import ParameterSharing
+from kreg.utils.layers import KERNEL_NAMES
+from kreg.utils.layers import short_name
 from kreg.utils.validation import check_bool
 
 

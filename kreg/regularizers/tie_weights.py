@@ -3,9 +3,9 @@
 import keras
 
 from kreg.regularizers import _utils
+from kreg.regularizers.parameter_sharing import ParameterSharing
 from kreg.utils.layers import KERNEL_NAMES
 from kreg.utils.layers import short_name
-from kreg.regularizers.parameter_sharing import ParameterSharing
 from kreg.utils.validation import check_bool
 
 

@@ -439,8 +439,8 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
     seed. Transfer arms start from a network trained on the lower half
     (0-4) of the training split, trained inside the arm (its time is in
     the arm's); the pretraining arm runs `kreg.models.pretrain_layerwise`
-    on every training input, without labels. Every arm gets the same supervised epochs. `quick` runs two
-    fractions (1 and 20 %) on small budgets.
+    on every training input, without labels. Every arm gets the same
+    supervised epochs. `quick` runs two fractions (1 and 20 %) on small budgets.
     """
     fractions = fractions or ((0.01, 0.2) if quick else (0.01, 0.05, 0.2))
     epochs = epochs or (6 if quick else 100)

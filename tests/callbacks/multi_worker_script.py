@@ -1,4 +1,5 @@
-"""One worker of the two-worker test (tests/callbacks/test_multi_worker_processes.py).
+"""One worker of the two-worker test
+(tests/callbacks/test_multi_worker_processes.py).
 
 ``python -m tests.callbacks.multi_worker_script BACKEND INDEX PORT0,PORT1
 FOLDER PHASE``: trains a small model for 4 epochs on its half of the data

@@ -35,7 +35,8 @@ class BackupAndRestoreTest(TestCase):
         cases = [
             (dict(save_freq=0), ValueError, "save_freq=0"),
             (dict(save_freq=-1), ValueError, "save_freq=-1"),
-            (dict(save_freq=np.int64(-3)), ValueError, "save_freq=np.int64(-3)"),
+            (dict(save_freq=np.int64(-3)), ValueError,
+             "save_freq=np.int64(-3)"),
             (dict(save_freq=True), TypeError, "save_freq=True"),
             (dict(save_freq=False), TypeError, "save_freq=False"),
             (dict(save_freq=2.0), TypeError, "save_freq=2.0"),

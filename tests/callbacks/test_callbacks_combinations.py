@@ -12,8 +12,10 @@ import keras
 import numpy as np
 from absl.testing import parameterized
 
-from kreg.callbacks import (EMA, EarlyStopping, GradientMonitor,
-                            RetrainOnFullData)
+from kreg.callbacks import EMA
+from kreg.callbacks import EarlyStopping
+from kreg.callbacks import GradientMonitor
+from kreg.callbacks import RetrainOnFullData
 from kreg.optimizers import ClippedOptimizer
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
 from kreg.testing import TestCase

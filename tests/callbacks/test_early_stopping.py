@@ -6,9 +6,11 @@ import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import EarlyStopping, ModelCheckpoint
+from kreg.callbacks import EarlyStopping
+from kreg.callbacks import ModelCheckpoint
 from kreg.testing import TestCase
-from tests.callbacks.helpers import Interrupt, backup_pairing
+from tests.callbacks.helpers import Interrupt
+from tests.callbacks.helpers import backup_pairing
 
 
 def tiny_model(metrics=()):
@@ -84,7 +86,8 @@ class SyntheticLogsTest(TestCase):
         cb = EarlyStopping(patience=2)
         run = drive(cb, tiny_model(), [1.0, 0.9, 0.8, 0.85, 0.86, 0.1])
         self.assertEqual(run, 5)
-        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch), (2, 0.8, 4))
+        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch),
+                         (2, 0.8, 4))
 
     def test_hand_computed_max_mode_min_delta(self):
         # Improvements must exceed 0.1: 0.55 (ep 1) and 0.58 (ep 2) do not.
@@ -92,7 +95,8 @@ class SyntheticLogsTest(TestCase):
                            mode="max")
         run = drive(cb, tiny_model(), [0.5, 0.55, 0.58, 0.9], "val_accuracy")
         self.assertEqual(run, 3)
-        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch), (0, 0.5, 2))
+        self.assertEqual((cb.best_epoch, cb.best, cb.stopped_epoch),
+                         (0, 0.5, 2))
 
     def test_baseline_never_beaten_restores_best_of_patience_window(self):
         cb = EarlyStopping(patience=3, baseline=0.1, restore_best_weights=True)
@@ -263,7 +267,8 @@ class FitTest(TestCase):
         # A validation set whose loss goes down then up (overfitting-like):
         # targets shifted away from the training relation.
         self.xv, _ = regression_data(32, seed=1)
-        self.yv = (self.xv @ np.array([[0.7], [-1.4], [0.35]])).astype("float32")
+        self.yv = (self.xv @ np.array([[0.7], [-1.4], [0.35]])).astype(
+            "float32")
 
     def model(self, jit=False):
         keras.utils.set_random_seed(3)

@@ -4,13 +4,12 @@ import unittest
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, EarlyStopping
+from kreg.callbacks import EMA
+from kreg.callbacks import EarlyStopping
 from kreg.testing import TestCase
-from tests.callbacks.helpers import (
-    Interrupt,
-    InterruptBatch,
-    backup_pairing,
-)
+from tests.callbacks.helpers import Interrupt
+from tests.callbacks.helpers import InterruptBatch
+from tests.callbacks.helpers import backup_pairing
 
 
 def data(n=48, seed=0):

@@ -8,7 +8,8 @@ import warnings
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, ModelCheckpoint
+from kreg.callbacks import EMA
+from kreg.callbacks import ModelCheckpoint
 from kreg.testing import TestCase
 from tests.callbacks.helpers import Interrupt
 
@@ -77,16 +78,19 @@ class EMACheckpointTest(TestCase):
 
         fresh = self.model()
         fresh.load_weights(weights_file)
-        self.assertAllClose(fresh.evaluate(*self.val, batch_size=8, verbose=0), best,
+        self.assertAllClose(
+            fresh.evaluate(*self.val, batch_size=8, verbose=0), best,
                             rtol=1e-5)
         loaded = keras.models.load_model(keras_file)
         # A plain model: the file holds no shadow copy nor step count.
         self.assertEqual(len(loaded.weights), len(model.weights))
-        self.assertAllClose(loaded.evaluate(*self.val, batch_size=8, verbose=0), best,
+        self.assertAllClose(
+            loaded.evaluate(*self.val, batch_size=8, verbose=0), best,
                             rtol=1e-5)
         # Keras's EarlyStopping kept the averaged weights of the best epoch,
         # and the EMA (keep_averaged=False) did not overwrite them.
-        self.assertAllClose(model.evaluate(*self.val, batch_size=8, verbose=0), best,
+        self.assertAllClose(
+            model.evaluate(*self.val, batch_size=8, verbose=0), best,
                             rtol=1e-5)
 
     def uninterrupted(self):

@@ -9,7 +9,8 @@ import unittest
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, EarlyStopping
+from kreg.callbacks import EMA
+from kreg.callbacks import EarlyStopping
 from kreg.testing import TestCase
 from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy

@@ -11,7 +11,9 @@ from unittest import mock
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, BackupAndRestore, EarlyStopping
+from kreg.callbacks import EMA
+from kreg.callbacks import BackupAndRestore
+from kreg.callbacks import EarlyStopping
 from kreg.callbacks import ModelCheckpoint
 from kreg.testing import TestCase
 from kreg.utils import distribute

@@ -15,7 +15,9 @@ from unittest import mock
 import keras
 import numpy as np
 
-from kreg.callbacks import EMA, BackupAndRestore, EarlyStopping
+from kreg.callbacks import EMA
+from kreg.callbacks import BackupAndRestore
+from kreg.callbacks import EarlyStopping
 from kreg.callbacks import _state_files as state_files
 from kreg.testing import TestCase
 from tests.callbacks.helpers import backup_pairing

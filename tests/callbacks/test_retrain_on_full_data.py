@@ -7,10 +7,14 @@ import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import (EMA, BackupAndRestore, EarlyStopping,
-                            ModelCheckpoint, RetrainOnFullData)
+from kreg.callbacks import EMA
+from kreg.callbacks import BackupAndRestore
+from kreg.callbacks import EarlyStopping
+from kreg.callbacks import ModelCheckpoint
+from kreg.callbacks import RetrainOnFullData
 from kreg.testing import TestCase
-from tests.callbacks.helpers import Interrupt, backup_pairing
+from tests.callbacks.helpers import Interrupt
+from tests.callbacks.helpers import backup_pairing
 
 
 def data(n, seed):
@@ -53,7 +57,8 @@ class RetrainData:
         keras.utils.set_random_seed(3)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.5),
-                      loss="mse", jit_compile=jit and self.jit_compile_setting())
+                      loss="mse",
+                      jit_compile=jit and self.jit_compile_setting())
         return model
 
     def assert_phase_2_from_initial(self, stop, retrain, start, initial):

@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from kreg.callbacks import EarlyStopping, RetrainOnFullData
+from kreg.callbacks import EarlyStopping
+from kreg.callbacks import RetrainOnFullData
 from kreg.testing import TestCase
 from tests.callbacks.test_retrain_on_full_data import RetrainData
 

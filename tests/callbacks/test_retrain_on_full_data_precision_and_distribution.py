@@ -8,13 +8,14 @@ import unittest
 import keras
 import numpy as np
 
-from kreg.callbacks import EarlyStopping, RetrainOnFullData
+from kreg.callbacks import EarlyStopping
+from kreg.callbacks import RetrainOnFullData
 from kreg.testing import TestCase
 from kreg.testing import jax_data_parallel
 from kreg.testing import mirrored_strategy
-from tests.callbacks.test_retrain_on_full_data import (RecordStart,
-                                                       RetrainData,
-                                                       optimizer_values)
+from tests.callbacks.test_retrain_on_full_data import RecordStart
+from tests.callbacks.test_retrain_on_full_data import RetrainData
+from tests.callbacks.test_retrain_on_full_data import optimizer_values
 
 
 class RetrainPrecisionAndDistributionTest(RetrainData, TestCase):

@@ -2,7 +2,8 @@ import keras
 import numpy as np
 from sklearn.metrics import brier_score_loss
 
-from kreg.metrics import BrierScore, ExpectedCalibrationError
+from kreg.metrics import BrierScore
+from kreg.metrics import ExpectedCalibrationError
 from kreg.testing import TestCase
 
 

@@ -7,8 +7,10 @@ import keras
 import numpy as np
 
 import kreg
-from kreg.models import Ensemble, predict_with_uncertainty
-from kreg.models.ensemble import BOOTSTRAP_WEIGHTS, MEMBER_OUTPUTS
+from kreg.models import Ensemble
+from kreg.models import predict_with_uncertainty
+from kreg.models.ensemble import BOOTSTRAP_WEIGHTS
+from kreg.models.ensemble import MEMBER_OUTPUTS
 from kreg.testing import TestCase
 
 

@@ -14,9 +14,13 @@ import keras
 import numpy as np
 
 import kreg
-from kreg.models import Ensemble, predict_with_uncertainty
-from kreg.models.ensemble import BOOTSTRAP_WEIGHTS, MEMBER_OUTPUTS
-from kreg.testing import TestCase, jax_data_parallel, mirrored_strategy
+from kreg.models import Ensemble
+from kreg.models import predict_with_uncertainty
+from kreg.models.ensemble import BOOTSTRAP_WEIGHTS
+from kreg.models.ensemble import MEMBER_OUTPUTS
+from kreg.testing import TestCase
+from kreg.testing import jax_data_parallel
+from kreg.testing import mirrored_strategy
 from tests.callbacks.helpers import Interrupt
 
 REDUCTIONS = ("sum_over_batch_size", "sum", "mean_with_sample_weight")

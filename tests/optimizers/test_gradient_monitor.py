@@ -112,12 +112,15 @@ class GradientMonitorTest(TestCase):
                              os.path.abspath(__file__))
             self.assertIn("in epoch 1, step 1", str(w.message))
         # The zero head passes no gradient back: earlier layers vanish.
-        self.assertTrue(any("vanishing gradients in layer 'sequential/big_inputs'" in m
+        self.assertTrue(any(
+            "vanishing gradients in layer 'sequential/big_inputs'" in m
                             for m in messages), messages)
-        self.assertTrue(any("vanishing gradients in layer 'sequential/middle'" in m
+        self.assertTrue(any(
+            "vanishing gradients in layer 'sequential/middle'" in m
                             for m in messages), messages)
         # The head's own gradient sees inputs of size ~1e4: it explodes.
-        self.assertTrue(any("exploding gradients in layer 'sequential/head'" in m
+        self.assertTrue(any(
+            "exploding gradients in layer 'sequential/head'" in m
                             for m in messages), messages)
         # One warning per layer and kind per fit, although sampled every
         # batch of 3 epochs; `flagged` keeps one entry per epoch.

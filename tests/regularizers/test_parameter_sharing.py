@@ -5,9 +5,9 @@ import keras
 import numpy as np
 
 from kreg.regularizers import L2
+from kreg.regularizers import ParameterSharing
 from kreg.regularizers import anchor_weights
 from kreg.regularizers import apply_weight_decay
-from kreg.regularizers import ParameterSharing
 from kreg.regularizers import tie_weights
 from kreg.testing import TestCase
 from tests.regularizers.helpers import value_and_grad

@@ -12,8 +12,12 @@ import keras
 import numpy as np
 from absl.testing import parameterized
 
-from kreg.regularizers import L1, L2, ParameterSharing
-from kreg.testing import TestCase, jax_data_parallel, mirrored_strategy
+from kreg.regularizers import L1
+from kreg.regularizers import L2
+from kreg.regularizers import ParameterSharing
+from kreg.testing import TestCase
+from kreg.testing import jax_data_parallel
+from kreg.testing import mirrored_strategy
 
 RATE = 0.1
 ANCHOR = np.linspace(-1.0, 1.0, 12).reshape(3, 4).astype("float32")

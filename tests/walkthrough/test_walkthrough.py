@@ -9,7 +9,6 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 from kreg.walkthrough.__main__ import DEFAULT_EXPERIMENTS  # noqa: E402
-from kreg.walkthrough.__main__ import EXPERIMENTS  # noqa: E402
 from kreg.walkthrough.__main__ import NoRetracingWarning  # noqa: E402
 from kreg.walkthrough.__main__ import main  # noqa: E402
 from kreg.walkthrough.__main__ import parse_args  # noqa: E402
@@ -77,7 +76,9 @@ class ReportTest(unittest.TestCase):
         import matplotlib.image
 
         from kreg.walkthrough import report
-        from kreg.walkthrough.runner import Arm, Experiment, RunResult
+        from kreg.walkthrough.runner import Arm
+        from kreg.walkthrough.runner import Experiment
+        from kreg.walkthrough.runner import RunResult
 
         def run(arm, seed, loss):
             return RunResult(
