@@ -406,24 +406,24 @@ class FineTuningTest(TestCase):
 
     def test_resumed_mid_stage_equals_uninterrupted(self):
         def callbacks(folder):
-            return [FineTuning(base, unfreeze_steps=2),
+            return [FineTuning(base),
                     BackupAndRestore(folder)]
 
         base, model = make_model()
-        model.fit(X, Y, batch_size=8, epochs=4, verbose=0, shuffle=False,
+        model.fit(X, Y, batch_size=8, epochs=3, verbose=0, shuffle=False,
                   callbacks=callbacks(tempfile.mkdtemp()))
         expected = weights(model)
         base, model = make_model()
         folder = tempfile.mkdtemp()
         with self.assertRaisesRegex(RuntimeError, "interrupted"):
-            model.fit(X, Y, batch_size=8, epochs=4, verbose=0,
+            model.fit(X, Y, batch_size=8, epochs=3, verbose=0,
                       shuffle=False,
-                      callbacks=callbacks(folder) + [InterruptAt(3, 2)])
+                      callbacks=callbacks(folder) + [InterruptAt(2, 2)])
         self.assertTrue(os.path.exists(
             os.path.join(folder, "kreg_fine_tuning.npz")))
         # Resumed in the same process: the interrupted fit's optimizer and
         # frozen layers are still in the model.
-        model.fit(X, Y, batch_size=8, epochs=4, verbose=0, shuffle=False,
+        model.fit(X, Y, batch_size=8, epochs=3, verbose=0, shuffle=False,
                   callbacks=callbacks(folder))
         for path, value in expected.items():
             self.assertAllEqual(weights(model)[path], value, msg=path)
