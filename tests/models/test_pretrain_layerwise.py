@@ -241,6 +241,9 @@ class TrueInputTest(ReferenceTestCase):
             histories["b2"])
         for old, new in zip(head, model.get_layer("head").get_weights()):
             self.assertAllEqual(new, old)
+        # The autoencoders called its layers in graphs of their own: the
+        # model still saves and loads.
+        self.run_save_load(model, x)
 
     def test_functional_model_with_a_functional_base(self):
         x = low_rank_data(N)
@@ -311,6 +314,31 @@ class TrueInputTest(ReferenceTestCase):
                 pretrain_layerwise(model, data, verbose=0)
             for old, new in zip(before, model.get_weights()):
                 self.assertAllEqual(new, old)
+
+    def test_a_branched_nested_base_is_one_step(self):
+        x = low_rank_data(N)
+        inputs = keras.Input((20,))
+        branches = [keras.layers.Dense(6, name=f"inner{i}")(inputs)
+                    for i in range(2)]
+        base = keras.Model(inputs, keras.layers.Add()(branches), name="base")
+        model = keras.Sequential([
+            keras.Input((20,)), base,
+            keras.layers.Dense(4, activation="relu", name="hidden"),
+            keras.layers.Dense(2)])
+        with self.assertRaisesRegex(ValueError, "`layers`.*'inner0'"):
+            pretrain_layerwise(model, x, layers=["inner0"], verbose=0)
+        before = base.get_weights()
+        initial = model.get_layer("hidden").get_weights()
+        histories = pretrain_layerwise(model, x, epochs=2, corruption=0.0,
+                                       batch_size=N, seed=0, verbose=0)
+        kernels = before[0::2]
+        biases = before[1::2]
+        features = sum(x @ k + b for k, b in zip(kernels, biases))
+        self.assert_trained_like_reference(
+            model.get_layer("hidden"), initial, features, 1,
+            histories["hidden"])
+        for old, new in zip(before, base.get_weights()):
+            self.assertAllEqual(new, old)
 
 
 class RepeatedUseTest(ReferenceTestCase):
