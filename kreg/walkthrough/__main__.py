@@ -32,10 +32,13 @@ EXPERIMENTS = {
     "labels": catalog.labels,
     "dropout_paper": catalog.dropout_paper,
     "augmentation": catalog.augmentation,
+    "transfer_mnist": catalog.transfer_mnist,
 }
-# Run when --experiments is not given. dropout_paper is meant for MNIST
-# (about 30 CPU minutes with one seed): ask for it by name.
-DEFAULT_EXPERIMENTS = [key for key in EXPERIMENTS if key != "dropout_paper"]
+# Run when --experiments is not given. dropout_paper and transfer_mnist need
+# MNIST (about 30 and 15 CPU minutes): ask for them by name.
+MNIST_EXPERIMENTS = ("dropout_paper", "transfer_mnist")
+DEFAULT_EXPERIMENTS = [key for key in EXPERIMENTS
+                       if key not in MNIST_EXPERIMENTS]
 
 
 def parse_args(argv):
@@ -61,9 +64,10 @@ def parse_args(argv):
     parser.add_argument(
         "--experiments", default=",".join(DEFAULT_EXPERIMENTS),
         help=f"comma-separated subset of: {', '.join(EXPERIMENTS)} "
-        f"(default: all but dropout_paper, the MNIST comparison with "
-        f"Srivastava et al. 2014: --dataset mnist --data-dir DIR "
-        f"--experiments dropout_paper --seeds 1)",
+        f"(default: all but the MNIST ones: dropout_paper, the comparison "
+        f"with Srivastava et al. 2014, and transfer_mnist, transfer from "
+        f"MNIST to the digits and from 0-4 to 5-9 with a CNN; run them with "
+        f"--dataset mnist --data-dir DIR --experiments NAME)",
     )
     args = parser.parse_args(argv)
     args.experiments = [e.strip() for e in args.experiments.split(",") if e]
@@ -109,7 +113,8 @@ def main(argv=None):
     experiments = []
     for key in args.experiments:
         try:
-            experiments.append(EXPERIMENTS[key](dataset, quick=args.quick))
+            made = EXPERIMENTS[key](dataset, quick=args.quick)
+            experiments += made if isinstance(made, list) else [made]
         except catalog.NotApplicable as reason:
             print(f"Skipping {key!r} on {dataset.name}: {reason}.")
     total = sum(e.runs for e in experiments) * args.seeds
@@ -127,12 +132,12 @@ def main(argv=None):
             experiment.notes += catalog.epochs_to_reach(experiment, 0.95)
         if experiment.key == "gradients":
             experiment.notes += catalog.layer_norm_notes(experiment)
-        if experiment.key == "labels":
+        if experiment.key in catalog.LABEL_EXPERIMENTS:
             experiment.notes += catalog.label_fraction_notes(experiment)
         if experiment.key == "dropout_paper":
             experiment.notes += catalog.error_notes(experiment, 1.25)
         report.print_table(experiment)
-        if experiment.key == "labels":
+        if experiment.key in catalog.LABEL_EXPERIMENTS:
             # Twelve arms: accuracy against the label fraction, not curves.
             plots = [report.plot_label_fractions(experiment, args.output)]
         elif experiment.key == "dropout_paper":

@@ -104,6 +104,15 @@ def labelled_subset(dataset, fraction, seed):
                                y_train=dataset.y_train[index])
 
 
+def repeated(dataset, rows):
+    """A copy whose training split is its rows cycled in order to `rows`
+    rows (each row `rows // n` or one more times), or kept when it has
+    more; the test split is kept."""
+    index = np.arange(max(rows, len(dataset.y_train))) % len(dataset.y_train)
+    return dataclasses.replace(dataset, x_train=dataset.x_train[index],
+                               y_train=dataset.y_train[index])
+
+
 def standardize(x_train, x_test):
     """Scales every input dimension to mean 0 and std 1 on the train split."""
     x_train = x_train.reshape(len(x_train), -1).astype("float32")

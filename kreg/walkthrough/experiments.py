@@ -1,8 +1,9 @@
 """The walkthrough's experiments: the lecture's problems and their fixes.
 
-Each function returns an `Experiment`: arms that train the same baseline
-network with one technique changed, compared on the same data, seeds and
-budget. `quick=True` shrinks budgets for a smoke run.
+Each function returns an `Experiment` (`transfer_mnist` a list of two):
+arms that train the same baseline network with one technique changed,
+compared on the same data, seeds and budget. `quick=True` shrinks budgets
+for a smoke run.
 """
 
 import keras
@@ -458,10 +459,7 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
     source_names = f"0-{half - 1}"
     target_names = f"{half}-{dataset.num_classes - 1}"
     unlabelled = dataset.x_train
-    # The FineTuning schedule: the head alone for half the epochs, then
-    # the base's top Dense layer, then both (learning rate 0.1 x the head's).
-    freeze_epochs = epochs // 2
-    epochs_per_step = max(1, epochs // 4)
+    freeze_epochs, epochs_per_step = _fine_tuning_stages(epochs)
 
     def scratch(seed, d):
         return mlp(d, seed, hidden=width)
@@ -473,23 +471,8 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
                             loss=default_loss())
             trained.fit(source.x_train, source.y_train,
                         epochs=source_epochs, batch_size=32, verbose=0)
-            # Its hidden layers (trained weights) as the base of a new head.
-            base = keras.Sequential(
-                [keras.Input((d.input_dim,)), *trained.layers[:-1]],
-                name="base")
-            base.trainable = not frozen
-            # Not `seed`: that draw is the source network's first output
-            # layer, which the trained features are fitted against.
-            head = keras.layers.Dense(
-                d.num_classes,
-                kernel_initializer=_initializer("glorot_uniform", seed + 1))
-            return keras.Sequential([keras.Input((d.input_dim,)), base, head])
+            return _new_head(trained, d.num_classes, seed, frozen)
         return build
-
-    def schedule(seed, d):
-        return [kreg.callbacks.FineTuning(
-            "base", freeze_epochs=freeze_epochs, unfreeze_steps=2,
-            epochs_per_step=epochs_per_step, base_learning_rate_factor=0.1)]
 
     def pretrained(seed, d):
         model = mlp(d, seed, hidden=width)
@@ -498,26 +481,8 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
             seed=seed, verbose=0)
         return model
 
-    methods = dict(zip(LABEL_METHODS, (
-        {"build": scratch},
-        {"build": transfer(frozen=True)},
-        {"build": transfer(frozen=False), "callbacks": schedule},
-        {"build": pretrained},
-    )))
-    arms = []
-    for fraction in fractions:
-        images = len(data_module.labelled_indices(target.y_train, fraction, 0))
-
-        def subset(seed, d, fraction=fraction):
-            return data_module.labelled_subset(d, fraction, seed)
-
-        for method, parts in methods.items():
-            arms.append(Arm(
-                f"{method}, {fraction * 100:g} % labels ({images} images)",
-                train_data=subset,
-                factors={"method": method, "label_fraction": fraction,
-                         "labelled_images": images},
-                **parts))
+    arms = _label_arms(fractions, target, epochs, scratch, transfer,
+                       pretrained)
     return Experiment(
         key="labels",
         title="Too little labelled data: transfer learning and pretraining",
@@ -547,6 +512,65 @@ def labels(dataset, quick=False, fractions=None, epochs=None,
     )
 
 
+def _fine_tuning_stages(epochs):
+    """The FineTuning schedule of the label experiments: the head alone for
+    half the epochs, then the base unfrozen from the top in 2 steps of a
+    quarter of the epochs (learning rate 0.1 x the head's)."""
+    return epochs // 2, max(1, epochs // 4)
+
+
+def _new_head(trained, num_classes, seed, frozen):
+    """`trained`'s layers but its output layer, as a model named "base"
+    (frozen or not), under a new output layer."""
+    shape = tuple(trained.inputs[0].shape[1:])
+    base = keras.Sequential([keras.Input(shape), *trained.layers[:-1]],
+                            name="base")
+    base.trainable = not frozen
+    # Not `seed`: that draw is the source network's first output layer,
+    # which the trained features are fitted against.
+    head = keras.layers.Dense(
+        num_classes, kernel_initializer=_initializer("glorot_uniform",
+                                                     seed + 1))
+    return keras.Sequential([keras.Input(shape), base, head])
+
+
+def _label_arms(fractions, target, epochs, scratch, transfer, pretrained,
+                rows=None):
+    """The four methods of LABEL_METHODS at every label fraction of
+    `target` (a stratified subset drawn with the seed, cycled to `rows`
+    rows per epoch when given). `scratch` and `pretrained` are model
+    builders, `transfer(frozen)` returns one."""
+    freeze_epochs, epochs_per_step = _fine_tuning_stages(epochs)
+
+    def schedule(seed, d):
+        return [kreg.callbacks.FineTuning(
+            "base", freeze_epochs=freeze_epochs, unfreeze_steps=2,
+            epochs_per_step=epochs_per_step, base_learning_rate_factor=0.1)]
+
+    methods = dict(zip(LABEL_METHODS, (
+        {"build": scratch},
+        {"build": transfer(frozen=True)},
+        {"build": transfer(frozen=False), "callbacks": schedule},
+        {"build": pretrained},
+    )))
+    arms = []
+    for fraction in fractions:
+        images = len(data_module.labelled_indices(target.y_train, fraction, 0))
+
+        def subset(seed, d, fraction=fraction):
+            labelled = data_module.labelled_subset(d, fraction, seed)
+            return data_module.repeated(labelled, rows) if rows else labelled
+
+        for method, parts in methods.items():
+            arms.append(Arm(
+                f"{method}, {fraction * 100:g} % labels ({images} images)",
+                train_data=subset,
+                factors={"method": method, "label_fraction": fraction,
+                         "labelled_images": images},
+                **parts))
+    return arms
+
+
 def label_fraction_notes(experiment):
     """Per label fraction and method: the gain in test accuracy over
     training from scratch, paired by seed (same labelled subset)."""
@@ -571,6 +595,11 @@ def label_fraction_notes(experiment):
             notes.append(f"{fraction * 100:g} % labels, points of test "
                          "accuracy over from scratch (paired by seed): "
                          + "; ".join(gains))
+    for name, values in experiment.shared_seconds.items():
+        if values:
+            notes.append(f"{name}: once per seed, shared by the fractions "
+                         f"(not in the arms' times), {np.mean(values):.0f} "
+                         "CPU s per seed")
     return notes
 
 
@@ -824,4 +853,195 @@ def augmentation(dataset, quick=False):
         dataset=data,
         arms=arms,
         epochs=8 if quick else 30,
+    )
+
+
+# The label experiments: a row per (method, fraction); their plot draws
+# accuracy against the fraction, their notes the gain over from scratch.
+LABEL_EXPERIMENTS = ("labels", "transfer_mnist_digits", "transfer_mnist_cnn")
+
+
+def mnist_8x8(x):
+    """MNIST images (flat 28 x 28, in [0, 1]) drawn like scikit-learn's
+    8 x 8 digits: each image's ink box (pixels above 0.1) widened to a
+    square about its centre (the digit's height fills the frame), sampled
+    on a 32 x 32 grid and averaged over 4 x 4 blocks (the digits are
+    32 x 32 bitmaps counted in 4 x 4 blocks)."""
+    images = np.pad(x.reshape(-1, 28, 28), ((0, 0), (28, 28), (28, 28)))
+    grid = np.arange(32) + 0.5
+    out = np.zeros((len(images), 64), dtype="float32")
+    for index, image in enumerate(images):
+        rows = np.flatnonzero(image.max(1) > 0.1)
+        cols = np.flatnonzero(image.max(0) > 0.1)
+        if not rows.size:
+            continue
+        size = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+        r = (rows[0] + rows[-1] + 1 - size) / 2 + grid * size / 32
+        c = (cols[0] + cols[-1] + 1 - size) / 2 + grid * size / 32
+        block = image[np.ix_(r.astype(int), c.astype(int))]
+        out[index] = block.reshape(8, 4, 8, 4).mean((1, 3)).ravel()
+    return out
+
+
+def small_cnn(dataset, seed):
+    """Conv(8) - pool - Conv(16) - pool - Dense(64) - output, ReLU."""
+    def init():
+        return _initializer("glorot_uniform", seed)
+
+    return keras.Sequential([
+        keras.Input(dataset.x_train.shape[1:]),
+        keras.layers.Conv2D(8, 3, activation="relu",
+                            kernel_initializer=init()),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(16, 3, activation="relu",
+                            kernel_initializer=init()),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu", kernel_initializer=init()),
+        keras.layers.Dense(dataset.num_classes, kernel_initializer=init()),
+    ])
+
+
+def transfer_mnist(dataset, quick=False):
+    """Lecture: transfer where it is expected to help, with real data.
+
+    Two experiments, each with the four arms of `labels` at 1, 5 and 20 %
+    of the target's training labels (`quick`: 20 %, small budgets):
+    (a) `transfer_mnist_digits`, a 256-256 ReLU network trained on 15,000
+    MNIST images drawn as 8 x 8 digits (`mnist_8x8`), transferred to
+    scikit-learn's digits (all 10 classes); (b) `transfer_mnist_cnn`, a
+    small CNN (`small_cnn`) trained on 10,000 MNIST images of 0-4,
+    transferred to 5-9 at 28 x 28 (a pool of 5,000 training images, 1,000
+    test images). Every input is scaled to [0, 1] per pixel
+    (`_unit_range`). Each labelled set is cycled to the same rows per
+    epoch, so every run makes the same number of updates. The source
+    network and the pretraining run once per seed, shared by the fractions
+    (their time is in a note, not in the arms'); pretraining sees the
+    source and the target training images, without labels. Needs MNIST:
+    ``--dataset mnist --data-dir DIR``.
+    """
+    if dataset.input_dim != 784 or dataset.num_classes != 10:
+        raise NotApplicable(
+            "it needs MNIST (28 x 28 images, 10 classes; --dataset mnist "
+            f"--data-dir DIR); {dataset.name} has {dataset.input_dim} "
+            f"inputs and {dataset.num_classes} classes")
+    fractions = (0.2,) if quick else (0.01, 0.05, 0.2)
+    images = _unit_range(dataset)
+    small = _unit_range(dataset_with(
+        images.subset(15000, seed=0, test_size=1000), mnist_8x8,
+        "MNIST drawn 8 x 8"))
+    square = dataset_with(images, lambda x: x.reshape(-1, 28, 28, 1),
+                          "MNIST")
+    return [
+        _transfer_experiment(
+            "transfer_mnist_digits",
+            "Transfer from MNIST (8 x 8) to scikit-learn's digits",
+            "a 256-256 ReLU network",
+            lambda d, seed: mlp(d, seed, hidden=(256, 256)), small,
+            _unit_range(data_module.load_digits()), fractions,
+            rows=64 if quick else 512, epochs=2 if quick else 25,
+            source_epochs=1 if quick else 5,
+            pretrain_epochs=1 if quick else 3),
+        _transfer_experiment(
+            "transfer_mnist_cnn",
+            "Transfer on MNIST with a CNN, digits 0-4 to 5-9",
+            "a CNN (conv 8 and 16 filters 3 x 3, each with 2 x 2 max "
+            "pooling, Dense 64, ReLU)", small_cnn,
+            data_module.class_split(square, range(5)).subset(10000, seed=0),
+            data_module.class_split(square, range(5, 10)).subset(
+                5000, seed=0, test_size=1000),
+            fractions, rows=64 if quick else 1024,
+            epochs=2 if quick else 10,
+            source_epochs=1 if quick else 3,
+            pretrain_epochs=1 if quick else 3),
+    ]
+
+
+def dataset_with(dataset, transform, source):
+    """A copy of `dataset` whose inputs (both splits) are `transform`ed,
+    described as `source`."""
+    import dataclasses
+
+    return dataclasses.replace(
+        dataset, x_train=transform(dataset.x_train),
+        x_test=transform(dataset.x_test), source=source)
+
+
+def _transfer_experiment(key, title, network, build, source, target,
+                         fractions, rows, epochs, source_epochs,
+                         pretrain_epochs, batch_size=32):
+    """The four arms of `labels` from `source` to `target`, with the
+    source network and the pretraining computed once per seed."""
+    import functools
+    import time
+
+    unlabelled = np.concatenate([source.x_train, target.x_train])
+    seconds = {"source network": [], "pretraining": []}
+
+    @functools.cache
+    def source_weights(seed):
+        start = time.process_time()
+        trained = build(source, seed)
+        trained.compile(optimizer=default_optimizer(), loss=default_loss())
+        trained.fit(source.x_train, source.y_train, epochs=source_epochs,
+                    batch_size=batch_size, verbose=0)
+        seconds["source network"].append(time.process_time() - start)
+        return trained.get_weights()
+
+    @functools.cache
+    def pretrained_weights(seed):
+        start = time.process_time()
+        model = build(target, seed)
+        kreg.models.pretrain_layerwise(
+            model, unlabelled, epochs=pretrain_epochs, corruption=0.3,
+            batch_size=batch_size, seed=seed, verbose=0)
+        seconds["pretraining"].append(time.process_time() - start)
+        return model.get_weights()
+
+    def scratch(seed, d):
+        return build(d, seed)
+
+    def transfer(frozen):
+        def build_transfer(seed, d):
+            trained = build(source, seed)
+            trained.set_weights(source_weights(seed))
+            return _new_head(trained, d.num_classes, seed, frozen)
+        return build_transfer
+
+    def pretrained(seed, d):
+        model = build(d, seed)
+        model.set_weights(pretrained_weights(seed))
+        return model
+
+    freeze_epochs, epochs_per_step = _fine_tuning_stages(epochs)
+    labelled = ", ".join(f"{f * 100:g} %" for f in fractions)
+    return Experiment(
+        key=key,
+        title=title,
+        question=(
+            f"Target: {target.source}, {len(target.x_train)} training "
+            f"images, of which {labelled} have labels (stratified, drawn "
+            f"with the seed); {network} with the same {epochs} supervised "
+            f"epochs of {rows} rows (the labelled images cycled), "
+            f"{epochs * -(-rows // batch_size)} updates, in every arm. "
+            "From scratch; transfer from the same network trained on "
+            f"{len(source.x_train)} images of {source.source} "
+            f"({source_epochs} epochs, once per seed) with a new head "
+            f"trained alone, or with FineTuning (head alone for "
+            f"{freeze_epochs} epochs, then the base unfrozen from the top in "
+            f"2 steps of {epochs_per_step} epochs, learning rate 0.1 x the "
+            "head's); or pretrain_layerwise (denoising autoencoders of the "
+            "Dense layers but the output, conv layers kept as initialized, "
+            f"{pretrain_epochs} epochs each, "
+            f"masking 0.3) on the {len(unlabelled)} source and target "
+            "training images without labels, then supervised training. The "
+            "lecture: transfer and pretraining help most when labels are "
+            "few."
+        ),
+        dataset=target,
+        arms=_label_arms(fractions, target, epochs, scratch, transfer,
+                         pretrained, rows=rows),
+        epochs=epochs,
+        batch_size=batch_size,
+        shared_seconds=seconds,
     )

@@ -204,6 +204,9 @@ class Experiment:
     # Arm name -> a published figure to print beside the arm's test error
     # (an experiment with references gets the error and CPU-time columns).
     references: dict = dataclasses.field(default_factory=dict)
+    # Work done once per seed outside the arms (e.g. a source network
+    # shared by several arms): name -> CPU seconds, one entry per seed.
+    shared_seconds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def runs(self):

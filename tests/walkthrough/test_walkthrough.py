@@ -244,3 +244,85 @@ def test_the_retracing_warning_is_dropped_and_others_pass():
         "5 out of the last 5 calls to <function f> triggered tf.function "
         "retracing. Tracing is expensive ..."))
     assert keep(record("Gradients do not exist for variables ['kernel']"))
+
+
+def write_idx(path, array):
+    """Writes `array` (unsigned bytes) as an IDX file."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+class TransferMnistTest(unittest.TestCase):
+    """transfer_mnist on a tiny stand-in for MNIST (random strokes in
+    IDX files), through the command line."""
+
+    def test_quick_run_writes_two_experiments_with_rows_and_plots(self):
+        from kreg.walkthrough import experiments
+
+        rng = np.random.RandomState(0)
+        with tempfile.TemporaryDirectory() as folder:
+            for stem, count in (("train", 100), ("t10k", 50)):
+                images = rng.randint(0, 256, (count, 28, 28))
+                images *= rng.rand(count, 28, 28) < 0.2
+                write_idx(os.path.join(folder, f"{stem}-images-idx3-ubyte"),
+                          images)
+                write_idx(os.path.join(folder, f"{stem}-labels-idx1-ubyte"),
+                          np.arange(count) % 10)
+            written = main(["--quick", "--seeds", "1", "--dataset", "mnist",
+                            "--data-dir", folder, "--experiments",
+                            "transfer_mnist", "--output", folder])
+            with open(os.path.join(folder, "results.md")) as f:
+                markdown = f.read()
+            for experiment, plots in written:
+                self.assertEqual(plots, [f"{experiment.key}.png"])
+                self.assertTrue(os.path.getsize(os.path.join(folder,
+                                                             plots[0])))
+        self.assertEqual([e.key for e, _ in written],
+                         ["transfer_mnist_digits", "transfer_mnist_cnn"])
+        digits, cnn = (e for e, _ in written)
+        self.assertEqual(digits.dataset.x_train.shape, (1257, 64))
+        self.assertEqual(cnn.dataset.x_train.shape[1:], (28, 28, 1))
+        self.assertEqual(cnn.dataset.num_classes, 5)
+        for experiment in (digits, cnn):
+            self.assertEqual(len(experiment.arms), 4)  # --quick: 20 %
+            for arm in experiment.arms:
+                self.assertIn(f"| {arm.name} |", markdown)
+            for run in experiment.results:
+                self.assertEqual(run.epochs, experiment.epochs)
+                self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
+            # The source network and the pretraining: once per seed.
+            self.assertEqual(
+                {k: len(v) for k, v in experiment.shared_seconds.items()},
+                {"source network": 1, "pretraining": 1})
+            self.assertEqual(len(experiment.notes), 1 + 2)
+        # The head-only arm: the CNN's trained base frozen, a new head.
+        head_only = next(a for a in cnn.arms
+                         if a.factors["method"] == "transfer, head only")
+        model = head_only.build(0, head_only.train_data(0, cnn.dataset))
+        self.assertFalse(model.get_layer("base").trainable)
+        self.assertEqual(len(model.trainable_weights), 2)
+        self.assertEqual(model.output_shape, (None, 5))
+        self.assertNotIn("transfer_mnist", DEFAULT_EXPERIMENTS)
+        with self.assertRaisesRegex(experiments.NotApplicable,
+                                    "needs MNIST"):
+            from kreg.walkthrough import data
+            experiments.transfer_mnist(data.load_digits())
+
+    def test_mnist_8x8_draws_the_ink_box_like_the_digits(self):
+        from kreg.walkthrough import experiments
+
+        # A bar 20 rows tall and 5 columns wide: the box is widened to a
+        # 20 x 20 square, so the bar fills every row and the middle 2
+        # columns of the 8 x 8 image.
+        image = np.zeros((28, 28), "float32")
+        image[4:24, 10:15] = 1.0
+        small = experiments.mnist_8x8(image.reshape(1, 784)).reshape(8, 8)
+        expected = np.zeros((8, 8))
+        expected[:, 3:5] = 1.0
+        np.testing.assert_allclose(small, expected)
+        self.assertEqual(
+            experiments.mnist_8x8(np.zeros((1, 784))).tolist(), [[0.0] * 64])
