@@ -110,7 +110,8 @@ def check_fine_tuning(namespace):
     the base kept its pre-trained statistics; the L2-SP penalty is in the
     losses."""
     model = namespace["model"]
-    assert type(model.optimizer) is keras.optimizers.Adam
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert not hasattr(model.optimizer, "inner_optimizer")
     saved = keras.models.load_model("pretrained_base.keras").layers[1]
     trained = model.layers[0].layers[1]
     for before, after in zip(saved.weights, trained.weights):
