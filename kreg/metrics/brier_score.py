@@ -3,19 +3,26 @@
 import keras
 from keras import ops
 
+from kreg.metrics._probabilities import check_sample_weight
 from kreg.metrics._probabilities import probabilities_and_one_hot
+from kreg.metrics._probabilities import rows_shape
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_optional_dtype
 
 
 def brier_score(y_true, y_pred, from_logits=False):
-    """Per sample: ``sum_c (p_c - t_c)^2`` (multi-class), or ``(p - y)^2``
-    for a single probability unit (binary)."""
+    """Per prediction: ``sum_c (p_c - t_c)^2`` (multi-class), or
+    ``(p - y)^2`` for a single probability unit (binary); shaped as
+    `y_pred` without its class axis (one value per sample, or per sample
+    and time step), as Keras's metric functions return them."""
+    y_pred = ops.convert_to_tensor(y_pred)
     binary = len(y_pred.shape) == 1 or y_pred.shape[-1] == 1
     p, t = probabilities_and_one_hot(y_true, y_pred, from_logits)
     if binary:
-        return ops.square(p[:, 1] - t[:, 1])
-    return ops.sum(ops.square(p - t), axis=-1)
+        values = ops.square(p[:, 1] - t[:, 1])
+    else:
+        values = ops.sum(ops.square(p - t), axis=-1)
+    return ops.reshape(values, rows_shape(y_pred))
 
 
 @keras.saving.register_keras_serializable(package="kreg")
@@ -34,6 +41,9 @@ class BrierScore(keras.metrics.MeanMetricWrapper):
         dtype: the metric's dtype. Defaults to `None`.
 
     `y_true` holds integer labels, or one-hot rows of `y_pred`'s shape.
+    Predictions may have leading axes besides the samples (time steps):
+    ``sample_weight`` of shape ``(samples,)`` weighs every step of a sample,
+    ``(samples, steps)`` (a mask) each step, as for Keras's metrics.
 
     Example:
 
@@ -53,6 +63,11 @@ class BrierScore(keras.metrics.MeanMetricWrapper):
         super().__init__(brier_score, name=name, dtype=dtype,
                          from_logits=from_logits)
         self._direction = "down"
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        check_sample_weight(sample_weight, ops.convert_to_tensor(y_pred))
+        return super().update_state(y_true, y_pred,
+                                    sample_weight=sample_weight)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype,

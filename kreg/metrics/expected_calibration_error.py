@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from kreg.metrics._probabilities import probabilities_and_one_hot
+from kreg.metrics._probabilities import weights_per_prediction
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_integer
 from kreg.utils.validation import check_optional_dtype
@@ -31,6 +32,9 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         dtype: the metric's dtype. Defaults to `None`.
 
     `y_true` holds integer labels, or one-hot rows of `y_pred`'s shape.
+    Every prediction counts, over all leading axes (samples, time steps);
+    ``sample_weight`` of shape ``(samples,)`` weighs every step of a
+    sample, ``(samples, steps)`` (a mask) each step.
 
     Example:
 
@@ -67,8 +71,8 @@ class ExpectedCalibrationError(keras.metrics.Metric):
             self.num_bins - 1)
         member = ops.one_hot(bins, self.num_bins)  # (samples, bins)
         if sample_weight is not None:
-            weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1))
-            member = member * weight
+            weight = weights_per_prediction(sample_weight, y_pred)
+            member = member * weight[:, None]
         for variable, values in ((self.counts, None),
                                  (self.confidences, confidence),
                                  (self.hits, hit)):
