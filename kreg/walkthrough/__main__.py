@@ -35,7 +35,7 @@ EXPERIMENTS = {
     "transfer_mnist": catalog.transfer_mnist,
 }
 # Run when --experiments is not given. dropout_paper and transfer_mnist need
-# MNIST (about 30 and 15 CPU minutes): ask for them by name.
+# MNIST (about 35 and 12 CPU minutes): ask for them by name.
 MNIST_EXPERIMENTS = ("dropout_paper", "transfer_mnist")
 DEFAULT_EXPERIMENTS = [key for key in EXPERIMENTS
                        if key not in MNIST_EXPERIMENTS]

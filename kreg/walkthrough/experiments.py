@@ -598,8 +598,8 @@ def label_fraction_notes(experiment):
     for name, values in experiment.shared_seconds.items():
         if values:
             notes.append(f"{name}: once per seed, shared by the fractions "
-                         f"(not in the arms' times), {np.mean(values):.0f} "
-                         "CPU s per seed")
+                         "(in the time of the first arm that uses it), "
+                         f"{np.mean(values):.0f} CPU s per seed")
     return notes
 
 
@@ -915,9 +915,10 @@ def transfer_mnist(dataset, quick=False):
     test images). Every input is scaled to [0, 1] per pixel
     (`_unit_range`). Each labelled set is cycled to the same rows per
     epoch, so every run makes the same number of updates. The source
-    network and the pretraining run once per seed, shared by the fractions
-    (their time is in a note, not in the arms'); pretraining sees the
-    source and the target training images, without labels. Needs MNIST:
+    network and the pretraining run once per seed, in the first arm that
+    uses them, shared by the fractions (their CPU time is also in a note);
+    pretraining sees the source and the target training images, without
+    labels. Needs MNIST:
     ``--dataset mnist --data-dir DIR``.
     """
     if dataset.input_dim != 784 or dataset.num_classes != 10:
@@ -946,7 +947,9 @@ def transfer_mnist(dataset, quick=False):
             "transfer_mnist_cnn",
             "Transfer on MNIST with a CNN, digits 0-4 to 5-9",
             "a CNN (conv 8 and 16 filters 3 x 3, each with 2 x 2 max "
-            "pooling, Dense 64, ReLU)", small_cnn,
+            "pooling, Dense 64, ReLU; pretrain_layerwise trains its Dense 64 "
+            "only, on the output of the conv layers as initialized)",
+            small_cnn,
             data_module.class_split(square, range(5)).subset(10000, seed=0),
             data_module.class_split(square, range(5, 10)).subset(
                 5000, seed=0, test_size=1000),
@@ -1031,8 +1034,7 @@ def _transfer_experiment(key, title, network, build, source, target,
             f"{freeze_epochs} epochs, then the base unfrozen from the top in "
             f"2 steps of {epochs_per_step} epochs, learning rate 0.1 x the "
             "head's); or pretrain_layerwise (denoising autoencoders of the "
-            "Dense layers but the output, conv layers kept as initialized, "
-            f"{pretrain_epochs} epochs each, "
+            f"Dense layers but the output, {pretrain_epochs} epochs each, "
             f"masking 0.3) on the {len(unlabelled)} source and target "
             "training images without labels, then supervised training. The "
             "lecture: transfer and pretraining help most when labels are "
