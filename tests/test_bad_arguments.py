@@ -29,8 +29,10 @@ import kreg  # noqa: E402
 INF = float("inf")
 NAN = float("nan")
 # The public subpackages; a new one must be added here (and get rows).
-PUBLIC_MODULES = ("callbacks", "layers", "losses", "metrics", "models",
-                  "optimizers", "regularizers")
+PUBLIC_MODULES = ("callbacks", "diagnostics", "initializers", "layers",
+                  "losses", "metrics", "models", "optimizers", "regularizers")
+# Public names that users receive, not call: no arguments to sweep.
+RESULT_TYPES = {"diagnostics.Problem", "diagnostics.Report"}
 
 
 class Fresh:
@@ -138,6 +140,10 @@ CALLS = {
     "models.pretrain_layerwise": call(kreg.models.pretrain_layerwise,
                                       model=DENSE, x=X, epochs=1,
                                       batch_size=4, verbose=0),
+    "layers.ElasticDeformation": call(kreg.layers.ElasticDeformation),
+    "diagnostics.diagnose": call(kreg.diagnostics.diagnose, model=DENSE,
+                                 x=X),
+    "initializers.lsuv": call(kreg.initializers.lsuv, model=DENSE, x=X),
 }
 
 
@@ -506,6 +512,20 @@ ROWS = (
            ("layers", "'typo'")),
        Row("models.pretrain_layerwise",
            {"epochs": np.int64(1), "batch_size": np.int64(4)}, None)]
+    + rows_of("layers.ElasticDeformation",
+              [({"alpha": -1.0}, ValueError), ({"sigma": 0.0}, ValueError),
+               ({"sigma": -1.0}, ValueError),
+               ({"interpolation": "bogus"}, ValueError),
+               ({"fill_mode": "bogus"}, ValueError)])
+    + rows_of("diagnostics.diagnose", [({"model": "m"}, TypeError)])
+    + [Row("diagnostics.diagnose", {"x": x_data()[:, :2]}, ValueError,
+           ("`x`", "(4, 2)")),
+       Row("diagnostics.diagnose", {"y": Y}, ValueError, ("`loss`",)),
+       Row("initializers.lsuv", {"x": x_data()[:, :2]}, ValueError,
+           ("`x`", "(4, 2)"))]
+    + rows_of("initializers.lsuv",
+              [({"tol": 0.0}, ValueError), ({"tol": -0.1}, ValueError),
+               ({"max_iter": 0}, ValueError), ({"model": "m"}, TypeError)])
 )
 
 
@@ -544,11 +564,14 @@ def test_argument(row, tmp_path, monkeypatch):
 
 def public_names():
     return {f"{module}.{name}" for module in PUBLIC_MODULES
-            for name in getattr(kreg, module).__all__}
+            for name in getattr(kreg, module).__all__} - RESULT_TYPES
 
 
 def test_every_public_name_has_rows():
-    assert set(kreg.__all__) - {"__version__"} == set(PUBLIC_MODULES)
+    # kreg.diagnose is kreg.diagnostics.diagnose.
+    assert kreg.diagnose is kreg.diagnostics.diagnose
+    assert set(kreg.__all__) - {"__version__", "diagnose"} == set(
+        PUBLIC_MODULES)
     assert public_names() == set(CALLS)
     with_errors = {row.name for row in ROWS if row.error is not None}
     assert public_names() - with_errors == set()
@@ -564,6 +587,13 @@ NOT_SWEPT = {
     ("optimizers.FineTuningOptimizer", "name"): "checked by Keras",
     ("models.pretrain_layerwise", "optimizer"): "keras.optimizers.get",
     ("models.pretrain_layerwise", "verbose"): "as fit(verbose=)",
+    ("layers.ElasticDeformation", "fill_value"): "any number",
+    ("layers.ElasticDeformation", "data_format"): "checked by Keras",
+    ("layers.ElasticDeformation", "seed"): "tests/layers",
+    ("diagnostics.diagnose", "loss"): "keras.losses.get",
+    ("diagnostics.diagnose", "batch_size"): "tests/diagnostics",
+    ("initializers.lsuv", "batch_size"): "tests/initializers",
+    ("initializers.lsuv", "seed"): "tests/initializers",
 }
 
 
