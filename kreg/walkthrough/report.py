@@ -1,5 +1,6 @@
 """Results tables (terminal and Markdown) and learning-curve plots."""
 
+import collections
 import os
 
 import numpy as np
@@ -100,6 +101,59 @@ def _mean_curve(runs, key):
     return np.mean([c[:length] for c in curves], axis=0)
 
 
+def _mean_ending_at_table(runs, key):
+    """The mean per-epoch ``test_loss`` or ``test_accuracy`` curve of the
+    runs (up to the shortest), its last point replaced by the mean of the
+    runs' final scores: the table's value."""
+    runs = [r for r in runs if r.curves.get(key)]
+    curve = _mean_curve(runs, key)
+    if curve is None:
+        return None
+    curve = np.array(curve, dtype=float)
+    curve[-1] = np.mean([getattr(r, key) for r in runs])
+    return curve
+
+
+Line = collections.namedtuple("Line", "epochs loss accuracy style label")
+
+
+def curve_lines(experiment, arm):
+    """The lines `plot_curves` draws for `arm`, as `Line` tuples of
+    per-epoch test loss and accuracy: the mean over the arm's runs, or,
+    for runs with a second phase (RetrainOnFullData), one line per run
+    and phase (phase 1 ``"-"``, phase 2 ``"--"``).
+
+    A line ends at the table's scores: its last point is the runs' final
+    test loss and accuracy (their mean), the trained model as the table
+    scores it (with the arm's own predict, e.g. MC dropout, and after
+    callbacks that change the weights at the end, e.g. EMA or
+    restore_best_weights); the points before are the per-epoch scores.
+    """
+    runs = [r for r in experiment.results if r.arm == arm.name]
+    phased = [r for r in runs if 2 in r.curves.get("phase", [])]
+    if not phased:
+        loss = _mean_ending_at_table(runs, "test_loss")
+        accuracy = _mean_ending_at_table(runs, "test_accuracy")
+        if loss is None or accuracy is None:
+            return []
+        count = min(len(loss), len(accuracy))
+        return [Line(np.arange(1, count + 1), loss[:count],
+                     accuracy[:count], "-", arm.name)]
+    lines = []
+    for index, run in enumerate(phased):
+        loss = _mean_ending_at_table([run], "test_loss")
+        accuracy = _mean_ending_at_table([run], "test_accuracy")
+        phases = np.asarray(run.curves["phase"])
+        count = min(len(phases), len(loss), len(accuracy))
+        epochs = np.arange(1, count + 1)
+        for phase, style in ((1, "-"), (2, "--")):
+            part = phases[:count] == phase
+            label = arm.name if index == 0 and phase == 1 else None
+            lines.append(Line(epochs[part], loss[:count][part],
+                              accuracy[:count][part], style, label))
+    return lines
+
+
 def _arm_colour(experiment, arm):
     """The same colour for an arm in every plot of its experiment."""
     return f"C{experiment.arms.index(arm) % 10}"
@@ -108,10 +162,11 @@ def _arm_colour(experiment, arm):
 def plot_curves(experiment, folder):
     """Mean test loss and accuracy per epoch for every arm; returns the name.
 
-    A NaN or infinite loss (a diverged run) is drawn as a cross at the top
-    of the plot rather than dropped, so divergence stays visible. Runs with
-    a second training phase (RetrainOnFullData) are drawn one by one, phase
-    2 dashed after phase 1.
+    The lines are `curve_lines`: each ends at the arm's scores in the
+    table. A NaN or infinite loss (a diverged run) is drawn as a cross at
+    the top of the plot rather than dropped, so divergence stays visible.
+    Runs with a second training phase (RetrainOnFullData) are drawn one by
+    one, phase 2 dashed after phase 1.
     """
     import matplotlib
 
@@ -125,19 +180,9 @@ def plot_curves(experiment, folder):
     top = 2.0 * max(finite) if finite else 1.0
     for arm in experiment.arms:
         colour = _arm_colour(experiment, arm)
-        runs = [r for r in experiment.results if r.arm == arm.name]
-        phased = [r for r in runs if 2 in r.curves.get("phase", [])]
-        if phased:
-            for index, run in enumerate(phased):
-                _plot_phases(ax_loss, ax_accuracy, run, colour, top,
-                             arm.name if index == 0 else None)
-            continue
-        loss = _mean_curve(runs, "test_loss")
-        accuracy = _mean_curve(runs, "test_accuracy")
-        if loss is None:
-            continue
-        _plot_run(ax_loss, ax_accuracy, np.arange(1, len(loss) + 1), loss,
-                  accuracy, colour, top, "-", arm.name)
+        for line in curve_lines(experiment, arm):
+            _plot_run(ax_loss, ax_accuracy, line.epochs, line.loss,
+                      line.accuracy, colour, top, line.style, line.label)
     for axis in (ax_loss, ax_accuracy):
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -166,20 +211,6 @@ def _plot_run(ax_loss, ax_accuracy, epochs, loss, accuracy, colour, top,
         ax_loss.plot(epochs[bad], np.full(bad.sum(), top), "x",
                      color=colour, markersize=8)
     ax_accuracy.plot(epochs, accuracy, style, color=colour, label=label)
-
-
-def _plot_phases(ax_loss, ax_accuracy, run, colour, top, label):
-    """One run's curves: phase 1 solid, phase 2 (on all the data) dashed."""
-    phases = np.asarray(run.curves["phase"])
-    loss = np.asarray(run.curves["test_loss"], dtype=float)
-    accuracy = np.asarray(run.curves["test_accuracy"], dtype=float)
-    count = min(len(phases), len(loss))
-    epochs = np.arange(1, count + 1)
-    for phase, style in ((1, "-"), (2, "--")):
-        part = phases[:count] == phase
-        _plot_run(ax_loss, ax_accuracy, epochs[part], loss[:count][part],
-                  accuracy[:count][part], colour, top, style,
-                  label if phase == 1 else None)
 
 
 def write_markdown(experiments, folder, header):
@@ -318,8 +349,9 @@ def plot_label_fractions(experiment, folder):
 
 def plot_error_curves(experiment, folder, references=None):
     """Test error (%) per epoch and against the run's CPU minutes, per arm
-    (mean over seeds, log scale), with `references` ({label: error %})
-    drawn as dotted lines; returns the file name."""
+    (mean over seeds, log scale, the last point the table's), with
+    `references` ({label: error %}) drawn as dotted lines; returns the file
+    name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +360,7 @@ def plot_error_curves(experiment, folder, references=None):
     figure, (ax_epoch, ax_cpu) = plt.subplots(1, 2, figsize=(11, 4.5))
     for arm in experiment.arms:
         runs = [r for r in experiment.results if r.arm == arm.name]
-        accuracy = _mean_curve(runs, "test_accuracy")
+        accuracy = _mean_ending_at_table(runs, "test_accuracy")
         if accuracy is None:
             continue
         error = 100 * (1 - accuracy)

@@ -112,14 +112,17 @@ class RunResult:
 
 class TestCurves(keras.callbacks.Callback):
     """Records test cross-entropy and accuracy after every epoch, on the
-    whole test set (the one the table scores).
+    whole test set (the one the table scores), with the arm's own
+    ``predict(model, x) -> logits`` where it has one (MC dropout), else
+    with the model's deterministic output.
 
     For plotting only: no training decision reads these numbers.
     """
 
-    def __init__(self, x_test, y_test, cpu_start=None):
+    def __init__(self, x_test, y_test, cpu_start=None, predict=None):
         super().__init__()
         self.x_test, self.y_test = x_test, y_test
+        self.predict = predict
         self.loss, self.accuracy = [], []
         # Process CPU seconds since `cpu_start` at the end of every epoch.
         self.cpu_start = (time.process_time() if cpu_start is None
@@ -127,11 +130,14 @@ class TestCurves(keras.callbacks.Callback):
         self.cpu = []
 
     def on_epoch_end(self, epoch, logs=None):
-        # Direct calls: `predict` costs a data pipeline per call.
-        logits = np.concatenate([
-            keras.ops.convert_to_numpy(
-                self.model(self.x_test[start:start + 2048], training=False))
-            for start in range(0, len(self.x_test), 2048)])
+        if self.predict is not None:
+            logits = self.predict(self.model, self.x_test)
+        else:
+            # Direct calls: `predict` costs a data pipeline per call.
+            logits = np.concatenate([
+                keras.ops.convert_to_numpy(self.model(
+                    self.x_test[start:start + 2048], training=False))
+                for start in range(0, len(self.x_test), 2048)])
         loss, accuracy = cross_entropy_and_accuracy(logits, self.y_test)
         self.loss.append(loss)
         self.accuracy.append(accuracy)
@@ -155,7 +161,8 @@ def run_arm(arm, dataset, seed, epochs, batch_size):
     cpu_start = time.process_time()
     model = arm.build(seed, dataset)
     model.compile(optimizer=arm.optimizer(), loss=arm.loss())
-    curves = TestCurves(dataset.x_test, dataset.y_test, cpu_start)
+    curves = TestCurves(dataset.x_test, dataset.y_test, cpu_start,
+                        predict=arm.predict)
     fit = arm.fit or plain_fit
     arm_callbacks = list(arm.callbacks(seed, dataset))
     history = fit(model, dataset, epochs, batch_size,

@@ -1,5 +1,6 @@
 import os
 import tempfile
+import types
 import unittest
 
 import numpy as np
@@ -326,3 +327,103 @@ class TransferMnistTest(unittest.TestCase):
         np.testing.assert_allclose(small, expected)
         self.assertEqual(
             experiments.mnist_8x8(np.zeros((1, 784))).tolist(), [[0.0] * 64])
+
+
+class PlottedSeriesTest(unittest.TestCase):
+    """The learning-curve lines end at the table's scores, and an arm with
+    its own `predict` (MC dropout) is drawn with it."""
+
+    def test_every_line_ends_at_the_tables_values(self):
+        from kreg.walkthrough import report
+        from kreg.walkthrough.runner import Arm
+        from kreg.walkthrough.runner import Experiment
+        from kreg.walkthrough.runner import RunResult
+        from kreg.walkthrough.runner import summarize
+
+        def run(arm, seed, loss, accuracy, curve_loss, curve_accuracy,
+                phase=()):
+            # The final scores differ from the last epoch's (MC passes,
+            # EMA or restored weights after the last epoch).
+            return RunResult(
+                arm=arm, seed=seed, test_loss=loss, test_accuracy=accuracy,
+                test_ece=0.0, epochs=len(curve_loss), seconds=1.0,
+                curves={"train_loss": list(curve_loss),
+                        "test_loss": list(curve_loss),
+                        "test_accuracy": list(curve_accuracy),
+                        "phase": list(phase)})
+
+        arms = [Arm("mean of equal runs", None),
+                Arm("stopped early", None),
+                Arm("two phases", None)]
+        experiment = Experiment("toy", "Toy", "?", None, arms, epochs=4)
+        experiment.results = [
+            run("mean of equal runs", 0, 0.5, 0.8, [2.0, 1.0, 0.4],
+                [0.5, 0.7, 0.9]),
+            run("mean of equal runs", 1, 0.7, 0.6, [2.0, 1.2, 0.3],
+                [0.4, 0.6, 0.95]),
+            run("stopped early", 0, 0.9, 0.7, [2.0, 1.5], [0.3, 0.5]),
+            run("stopped early", 1, 0.8, 0.75, [2.0, 1.5, 1.1, 1.3],
+                [0.3, 0.5, 0.6, 0.55]),
+            run("two phases", 0, 0.6, 0.85, [2.0, 1.0, 1.5, 0.9],
+                [0.4, 0.6, 0.5, 0.7], phase=(1, 1, 2, 2)),
+            run("two phases", 1, 0.4, 0.95, [2.0, 1.1, 0.8],
+                [0.4, 0.6, 0.8], phase=(1, 2, 2)),
+        ]
+        table = {row["arm"]: row for row in summarize(experiment)}
+        for arm in arms[:2]:
+            line, = report.curve_lines(experiment, arm)
+            self.assertAlmostEqual(line.loss[-1],
+                                   table[arm.name]["loss_mean"],
+                                   msg=arm.name)
+            self.assertAlmostEqual(line.accuracy[-1],
+                                   table[arm.name]["accuracy_mean"],
+                                   msg=arm.name)
+        # One line per run and phase: each run's phase 2 (dashed) ends at
+        # its own scores, whose mean is the table's.
+        ends = [(line.loss[-1], line.accuracy[-1])
+                for line in report.curve_lines(experiment, arms[2])
+                if line.style == "--"]
+        self.assertEqual(ends, [(0.6, 0.85), (0.4, 0.95)])
+        self.assertAlmostEqual(np.mean(ends, axis=0)[0],
+                               table["two phases"]["loss_mean"])
+        self.assertAlmostEqual(np.mean(ends, axis=0)[1],
+                               table["two phases"]["accuracy_mean"])
+        # The points before the last are the per-epoch scores.
+        line, = report.curve_lines(experiment, arms[0])
+        np.testing.assert_allclose(line.loss[:2], [2.0, 1.1])
+        np.testing.assert_allclose(line.epochs, [1, 2, 3])
+
+    def test_test_curves_score_with_the_arms_predict(self):
+        import keras
+
+        from kreg.walkthrough.runner import Arm
+        from kreg.walkthrough.runner import cross_entropy_and_accuracy
+        from kreg.walkthrough.runner import run_arm
+
+        rng = np.random.RandomState(0)
+        data = types.SimpleNamespace(
+            x_train=rng.normal(size=(16, 3)).astype("float32"),
+            y_train=rng.randint(0, 2, 16),
+            x_test=rng.normal(size=(8, 3)).astype("float32"),
+            y_test=rng.randint(0, 2, 8))
+        # An arm's own predict (as MC dropout's): here logits that do not
+        # depend on the model at all, so the curves must be its scores.
+        logits = rng.normal(size=(8, 2))
+        calls = []
+
+        def predict(model, x):
+            calls.append(len(x))
+            return logits
+
+        def build(seed, dataset):
+            return keras.Sequential([keras.Input((3,)),
+                                     keras.layers.Dense(2)])
+
+        result = run_arm(Arm("own predict", build, predict=predict), data,
+                         seed=0, epochs=2, batch_size=8)
+        loss, accuracy = cross_entropy_and_accuracy(logits, data.y_test)
+        self.assertEqual(calls, [8, 8, 8])  # two epochs, then the table
+        np.testing.assert_allclose(result.curves["test_loss"], [loss] * 2)
+        np.testing.assert_allclose(result.curves["test_accuracy"],
+                                   [accuracy] * 2)
+        self.assertAlmostEqual(result.test_loss, loss)
