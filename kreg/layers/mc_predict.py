@@ -1,4 +1,4 @@
-"""Monte-Carlo dropout prediction: the mean and spread of T stochastic passes."""
+"""Monte-Carlo dropout: the mean and spread of T stochastic passes."""
 
 import contextlib
 
