@@ -291,9 +291,7 @@ class CalibrationCombinationsTest(TestCase):
             "classes_ece": ece_by_hand(y["classes"], p, 5),
             "flag_brier_score": np.mean((flag - y["flag"][:, 0]) ** 2),
         }
-        logs = model.evaluate(x, y, verbose=0, return_dict=True)
-        for key, value in expected.items():
-            self.assertAlmostEqual(logs[key], value, places=4, msg=key)
+        # Evaluated by the reloaded model (its compiled metrics included).
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "model.keras")
             model.save(path)
