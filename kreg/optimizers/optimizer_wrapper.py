@@ -132,14 +132,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     def load_own_variables(self, store):
         if self.saves_inner_state_only:
             self.inner_optimizer.load_own_variables(store)
-            return
-        unused = len(store.keys()) - len(self.variables)
-        if unused == len(self._unused_base_ids):
-            # A file whose state also holds the base class's unused step
-            # count and learning rate (first): they are skipped.
-            store = {str(i): store[str(i + unused)]
-                     for i in range(len(self.variables))}
-        super().load_own_variables(store)
+        else:
+            super().load_own_variables(store)
 
     def get_config(self):
         return {

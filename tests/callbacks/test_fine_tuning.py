@@ -634,27 +634,6 @@ class FineTuningOptimizerTest(TestCase):
         self.assertEqual(int(keras.ops.convert_to_numpy(
             loaded.optimizer.base_optimizer.iterations)), 4)
 
-    def test_loads_a_state_that_holds_the_unused_base_variables(self):
-        # The wrapper's state leaves out the base class's step count and
-        # learning rate; a state that has them first still loads, each
-        # value into its own variable.
-        base, model = make_model(batch_normalization=False)
-        indices = list(range(len(base.trainable_variables)))
-        optimizer = FineTuningOptimizer(keras.optimizers.Adam(1e-2), indices)
-        model.compile(optimizer, "mse")
-        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
-        saved = {}
-        optimizer.save_own_variables(saved)
-        self.assertEqual(len(saved), len(optimizer.variables))
-        values = [np.array(7, "int64"), np.array(0.0, "float32")]
-        values += [saved[str(i)] for i in range(len(saved))]
-        old_layout = {str(i): v for i, v in enumerate(values)}
-        for variable in optimizer.variables:
-            variable.assign(np.zeros(variable.shape, variable.dtype))
-        optimizer.load_own_variables(old_layout)
-        for i, variable in enumerate(optimizer.variables):
-            self.assertAllClose(variable, saved[str(i)])
-
     def test_apply_without_variables_before_build(self):
         optimizer = FineTuningOptimizer(keras.optimizers.SGD())
         with self.assertRaisesRegex(ValueError, "trainable_variables=None"):
