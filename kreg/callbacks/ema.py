@@ -9,7 +9,7 @@ import numpy as np
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.averaging_optimizer import AveragingOptimizer
-from kreg.optimizers.optimizer_wrapper import install
+from kreg.optimizers.optimizer_wrapper import install_wrapper
 from kreg.optimizers.optimizer_wrapper import optimizer_chain
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_number
@@ -208,7 +208,7 @@ class EMA(keras.callbacks.Callback):
             # Before any on_train_begin: a BackupAndRestore listed first
             # loads its optimizer state into the wrapped optimizer.
             self._check_no_keras_ema()
-            install(model, AveragingOptimizer, AveragingOptimizer)
+            install_wrapper(model, AveragingOptimizer, AveragingOptimizer)
 
     def on_train_begin(self, logs=None):
         registry.register(self, "ema")
@@ -217,8 +217,8 @@ class EMA(keras.callbacks.Callback):
         self._end_interrupted_inference()
         if self._in_fit and self._averaged_in_model:
             self.swap_out()  # an interrupted fit left the averages in
-        self._optimizer = install(self.model, AveragingOptimizer,
-                                  AveragingOptimizer)
+        self._optimizer = install_wrapper(self.model, AveragingOptimizer,
+                                          AveragingOptimizer)
         # Every weight the optimizer may train (FineTuning freezes some).
         targets = list(self._optimizer.built_variables)
         known = {id(v) for v in targets}

@@ -111,7 +111,7 @@ class FineTuning(keras.callbacks.Callback):
                 "FineTuning needs a compiled model: call `model.compile(...)` "
                 "before `fit`.")
         # A FineTuning fit ended by an exception left its optimizer in.
-        uninstall(model)
+        remove_fine_tuning_optimizer(model)
         if find_wrapper(model.optimizer, FineTuningOptimizer) is not None:
             raise ValueError(
                 "The model is compiled with a FineTuningOptimizer: compile "
@@ -124,7 +124,7 @@ class FineTuning(keras.callbacks.Callback):
         self._blocks = self._base_blocks(model, base)
         try:
             base.trainable = True
-            self._install(model, trainable)
+            self._install_optimizer(model, trainable)
         except Exception:
             for layer, flag in self._flags:
                 layer.trainable = flag
@@ -141,7 +141,7 @@ class FineTuning(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if not self._training:  # `evaluate` or `predict`, not `fit`
-            uninstall(self.model)
+            remove_fine_tuning_optimizer(self.model)
 
     def on_predict_begin(self, logs=None):
         self.on_test_begin(logs)
@@ -188,7 +188,7 @@ class FineTuning(keras.callbacks.Callback):
         if self._backup_folder is not None:
             state_files.delete_state(self._backup_folder, _STATE_NAME)
         self._training = False
-        uninstall(self.model)
+        remove_fine_tuning_optimizer(self.model)
 
     def _base_optimizer(self):
         return find_wrapper(self.model.optimizer,
@@ -246,7 +246,7 @@ class FineTuning(keras.callbacks.Callback):
             start = stop
         return blocks
 
-    def _install(self, model, trainable):
+    def _install_optimizer(self, model, trainable):
         """Puts a FineTuningOptimizer around the plain optimizer at the
         bottom of the model's chain of optimizers, built for the weights
         `trainable` before the fit and every weight the stages will train;
@@ -281,7 +281,8 @@ class FineTuning(keras.callbacks.Callback):
                             if id(v) in base_ids],
                 self.base_learning_rate_factor)
             wrapper.saves_inner_state_only = True
-            # Not tracked: what `uninstall` puts back after the fit.
+            # Not tracked: what `remove_fine_tuning_optimizer` puts back
+            # after the fit.
             object.__setattr__(wrapper, "trainable_flags", self._flags)
             wrapper.build(var_list)
         if len(chain) == 1:
@@ -316,7 +317,7 @@ def _nested_layers(layer):
                       for nested in _nested_layers(child)]
 
 
-def uninstall(model):
+def remove_fine_tuning_optimizer(model):
     """Takes a FineTuning callback's FineTuningOptimizer out of `model`'s
     optimizer chain: the base's optimizer state goes to the plain
     optimizer, and the layers' `trainable` flags back to those before the

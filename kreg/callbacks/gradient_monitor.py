@@ -7,7 +7,7 @@ import numpy as np
 
 from kreg import _keras_private
 from kreg.optimizers.clipped_optimizer import ClippedOptimizer
-from kreg.optimizers.optimizer_wrapper import install
+from kreg.optimizers.optimizer_wrapper import install_wrapper
 from kreg.utils.validation import check_bool
 from kreg.utils.validation import check_integer
 from kreg.utils.validation import check_number
@@ -133,7 +133,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def _optimizer(model):
         """The model's ClippedOptimizer, or a measuring one put around its
         optimizer."""
-        return install(
+        return install_wrapper(
             model, ClippedOptimizer,
             lambda inner: ClippedOptimizer(inner, on_non_finite="apply"))
 

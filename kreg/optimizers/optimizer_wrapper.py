@@ -19,9 +19,9 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     Subclasses create their own variables in `build_own(var_list)`, which
     runs before the inner optimizer is built.
 
-    `install(model, cls, make)` puts a wrapper around a compiled model's
-    optimizer (the one from ``make(model.optimizer)``) unless one of class
-    `cls` is already in its chain of wrappers, and rebuilds the model's
+    `install_wrapper(model, cls, make)` puts a wrapper around a compiled
+    model's optimizer (the one from ``make(model.optimizer)``) unless one of
+    class `cls` is already in its chain of wrappers, and rebuilds the model's
     train function with the public ``model.make_train_function(force=True)``,
     so later fits reuse that train function: the first fit of the wrapped
     model compiles once. An installed wrapper saves and loads the inner
@@ -165,7 +165,7 @@ def find_wrapper(optimizer, cls):
                  if isinstance(o, cls)), None)
 
 
-def install(model, cls, make, var_list=None):
+def install_wrapper(model, cls, make, var_list=None):
     """The `cls` wrapper in `model`'s optimizer chain; if there is none,
     ``make(model.optimizer)`` becomes the model's optimizer, built on
     `var_list` (default: the weights the optimizer may train), and the
