@@ -10,6 +10,7 @@ from kreg.callbacks import _state_files as state_files
 from kreg.optimizers.fine_tuning_optimizer import FineTuningOptimizer
 from kreg.optimizers.optimizer_wrapper import find_wrapper
 from kreg.optimizers.optimizer_wrapper import optimizer_chain
+from kreg.optimizers.optimizer_wrapper import set_untracked
 from kreg.utils.layers import leaf_layers
 from kreg.utils.layers import walk_layers
 from kreg.utils.validation import check_bool
@@ -281,9 +282,8 @@ class FineTuning(keras.callbacks.Callback):
                             if id(v) in base_ids],
                 self.base_learning_rate_factor)
             wrapper.saves_inner_state_only = True
-            # Not tracked: what `remove_fine_tuning_optimizer` puts back
-            # after the fit.
-            object.__setattr__(wrapper, "trainable_flags", self._flags)
+            # What `remove_fine_tuning_optimizer` puts back after the fit.
+            set_untracked(wrapper, trainable_flags=self._flags)
             wrapper.build(var_list)
         if len(chain) == 1:
             model.optimizer = wrapper

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.optimizers.optimizer_wrapper import set_untracked
 from kreg.utils.distribute import in_tf_strategy
 
 
@@ -31,6 +32,8 @@ class AveragingOptimizer(OptimizerWrapper):
     """
 
     def build_own(self, var_list):
+        # The XLA-compiled shadow updates on TensorFlow, by shadows.
+        set_untracked(self, _xla_updates={})
         self.shadows = [
             self.add_variable(
                 shape=v.shape, dtype=v.dtype, initializer="zeros",
@@ -83,11 +86,10 @@ class AveragingOptimizer(OptimizerWrapper):
         elif backend == "tensorflow" and not in_tf_strategy():
             # One XLA cluster for all shadows (Keras compiles the train step
             # of many models without XLA on TensorFlow).
-            updates = vars(self).setdefault("_xla_updates", {})
             key = tuple(id(s) for s in shadows)
-            if key not in updates:
-                updates[key] = _xla_update(shadows)
-            updates[key](weights, rate)
+            if key not in self._xla_updates:
+                self._xla_updates[key] = _xla_update(shadows)
+            self._xla_updates[key](weights, rate)
         else:
             for shadow, w in zip(shadows, weights):
                 s = shadow.value

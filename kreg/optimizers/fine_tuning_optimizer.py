@@ -5,6 +5,7 @@ import numbers
 import keras
 
 from kreg.optimizers.optimizer_wrapper import OptimizerWrapper
+from kreg.optimizers.optimizer_wrapper import set_untracked
 from kreg.utils.validation import check_number
 
 
@@ -108,7 +109,8 @@ class FineTuningOptimizer(OptimizerWrapper):
                 f"`base_indices` {self.base_indices} do not fit the "
                 f"{len(var_list)} weights the optimizer is built with.")
         self.keep_built_variables(var_list)
-        self._base_ids = {id(var_list[i]) for i in self.base_indices}
+        set_untracked(self, _base_ids={
+            id(var_list[i]) for i in self.base_indices})
         base, _ = self._split(var_list)
         if not self.inner_optimizer.built:
             # On every weight, as when compiled without the wrapper, so that

@@ -5,6 +5,14 @@ import contextlib
 import keras
 
 
+def set_untracked(optimizer, **attributes):
+    """Sets attributes of `optimizer` that Keras's variable tracking must
+    not see: lists of the model's weights (not optimizer state), caches,
+    a callback's records. kreg sets every such attribute through here."""
+    for name, value in attributes.items():
+        object.__setattr__(optimizer, name, value)
+
+
 class OptimizerWrapper(keras.optimizers.Optimizer):
     """An optimizer that adds per-step work around an inner optimizer.
 
@@ -47,18 +55,17 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         # The base class's own step count and learning rate are unused
         # (both are the inner optimizer's): not state of the wrapper.
-        object.__setattr__(self, "_unused_base_ids",
-                           frozenset(id(v) for v in super().variables))
+        set_untracked(self, _unused_base_ids=frozenset(
+            id(v) for v in super().variables))
         self.inner_optimizer = optimizer
         self.saves_inner_state_only = False
 
     def keep_built_variables(self, var_list):
         """Keeps the weights it is built with (`built_variables`) and their
         places (`positions`); a subclass's own `build` calls it too."""
-        # Not tracked: they are the model's weights, not optimizer state.
-        object.__setattr__(self, "built_variables", list(var_list))
-        object.__setattr__(self, "_places", {
-            id(v): i for i, v in enumerate(self.built_variables)})
+        var_list = list(var_list)
+        set_untracked(self, built_variables=var_list, _places={
+            id(v): i for i, v in enumerate(var_list)})
 
     def build_own(self, var_list):
         """Creates the wrapper's own variables (`add_variable`)."""
