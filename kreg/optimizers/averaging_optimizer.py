@@ -72,7 +72,9 @@ class AveragingOptimizer(OptimizerWrapper):
         decay = ops.where(ops.greater(power, 0.0), warm, decay)
         return ops.where(go, 1.0 - decay, 0.0), count
 
-    def _average(self, variables, weights, stepped):
+    def after_inner_step(self, variables, weights, stepped):
+        """Averages `weights` (the new values of `variables`) into their
+        shadows when the inner optimizer `stepped`."""
         rate, count = self._rate(stepped)
         shadows = [self.shadows[i] for i in self.positions(variables)]
         weights = [getattr(w, "value", w) for w in weights]
@@ -95,32 +97,6 @@ class AveragingOptimizer(OptimizerWrapper):
                 s = shadow.value
                 shadow.assign_sub(ops.cast(rate, s.dtype) * (s - w))
         self.count.assign(count)
-
-    def apply(self, grads, trainable_variables=None):
-        trainable_variables = self.variables_to_apply(trainable_variables)
-        before = ops.copy(self.iterations)
-        self.inner_optimizer.apply(grads, trainable_variables)
-        stepped = ops.not_equal(ops.copy(self.iterations), before)
-        self._average(trainable_variables, trainable_variables, stepped)
-
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        own_variables = self.own_variables
-        own_values = optimizer_variables[:len(own_variables)]
-        inner_values = optimizer_variables[len(own_variables):]
-        inner = self.inner_optimizer
-        with keras.StatelessScope(
-                state_mapping=list(zip(inner.variables, inner_values))):
-            before = ops.copy(self.iterations)
-        new_weights, new_inner = inner.stateless_apply(
-            inner_values, grads, trainable_variables)
-        with keras.StatelessScope(
-                state_mapping=list(zip(inner.variables, new_inner))):
-            stepped = ops.not_equal(ops.copy(self.iterations), before)
-        with keras.StatelessScope(
-                state_mapping=list(zip(own_variables, own_values))) as scope:
-            self._average(self.trained_variables(), new_weights, stepped)
-            new_own = [scope.get_current_value(v) for v in own_variables]
-        return new_weights, new_own + list(new_inner)
 
 
 def _xla_update(shadows):

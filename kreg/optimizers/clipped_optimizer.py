@@ -358,6 +358,15 @@ class ClippedOptimizer(OptimizerWrapper):
             # XLA drops Assert ops; GradientMonitor raises after the batch.
             tf.debugging.Assert(finite, [_NON_FINITE_MESSAGE])
 
+    def before_inner_step(self, grads, weights):
+        """Clips `grads` and records the statistics; the inner optimizer
+        steps when they are finite (or always, see `_lets_inner_skip`)."""
+        clipped, statistics = self._transform(grads, weights)
+        finite = statistics["finite"]
+        self._raise_if_not_finite(finite)
+        self._record(statistics, len(grads))
+        return clipped, None if self._lets_inner_skip() else finite
+
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
         trainable_variables = self.variables_to_apply(trainable_variables)
@@ -369,21 +378,7 @@ class ClippedOptimizer(OptimizerWrapper):
         elif backend == "torch":
             self._torch_apply(grads, trainable_variables)
         else:
-            self._common_apply(grads, trainable_variables)
-
-    def _common_apply(self, grads, trainable_variables):
-        clipped, statistics = self._transform(grads, trainable_variables)
-        finite = statistics["finite"]
-        self._raise_if_not_finite(finite)
-        self._record(statistics, len(grads))
-        if self._lets_inner_skip():
-            self.inner_optimizer.apply(clipped, trainable_variables)
-            return
-        ops.cond(
-            finite,
-            lambda: self.inner_optimizer.apply(clipped, trainable_variables),
-            lambda: None,
-        )
+            super().apply(grads, trainable_variables)
 
     def _torch_apply(self, grads, trainable_variables):
         """Eager `apply` on PyTorch: one host read of the health flag.
@@ -411,7 +406,7 @@ class ClippedOptimizer(OptimizerWrapper):
             if norms is not None:
                 self._variable_grad_norms.value.copy_(norms)
         if finite or self._lets_inner_skip():
-            self.inner_optimizer.apply(clipped, trainable_variables)
+            self.apply_inner(clipped, trainable_variables)
 
     def _tf_apply(self, grads, trainable_variables):
         import tensorflow as tf
@@ -419,7 +414,7 @@ class ClippedOptimizer(OptimizerWrapper):
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
         if replicas == 1:
-            self._common_apply(grads, trainable_variables)
+            super().apply(grads, trainable_variables)
             return
         # Clip the aggregated gradient: sum over replicas, clip, and hand
         # each replica 1/replicas of it (the inner optimizer sums again).
@@ -435,7 +430,6 @@ class ClippedOptimizer(OptimizerWrapper):
         self._raise_if_not_finite(finite)
         self._record(statistics, len(grads))
         shares = [None if g is None else g / replicas for g in clipped]
-        inner = self.inner_optimizer
         lets_inner_skip = self._lets_inner_skip()
 
         def merged(distribution, shares, finite):
@@ -443,7 +437,7 @@ class ClippedOptimizer(OptimizerWrapper):
 
             def apply_fn():
                 distribution.extended.call_for_each_replica(
-                    inner.apply, args=(shares, trainable_variables)
+                    self.apply_inner, args=(shares, trainable_variables)
                 )
 
             if lets_inner_skip:
@@ -452,53 +446,6 @@ class ClippedOptimizer(OptimizerWrapper):
                 ops.cond(finite, apply_fn, lambda: None)
 
         context.merge_call(merged, args=(shares, finite))
-
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        if not self.built:
-            raise ValueError(
-                "To call `stateless_apply`, ClippedOptimizer must be built. "
-                "Call `optimizer.build(trainable_variables)` first."
-            )
-        optimizer_variables = [
-            ops.convert_to_tensor(v) for v in optimizer_variables
-        ]
-        trainable_values = [
-            ops.convert_to_tensor(v) for v in trainable_variables
-        ]
-        own_count = len(self.own_variables)
-        inner_values = optimizer_variables[own_count:]
-        grads = list(grads)
-
-        # Inner variables are mapped too: an inner LossScaleOptimizer's
-        # scale is read for unscaling.
-        mapping = list(zip(self.variables, optimizer_variables))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            clipped, statistics = self._transform(grads, trainable_values)
-            finite = statistics["finite"]
-            self._raise_if_not_finite(finite)
-            self._record(statistics, len(grads))
-            new_own = [scope.get_current_value(v) for v in self.own_variables]
-        inner = self.inner_optimizer
-
-        def apply_fn():
-            new_trainable, new_inner = inner.stateless_apply(
-                inner_values, clipped, trainable_values
-            )
-            return list(new_trainable), list(new_inner)
-
-        if self._lets_inner_skip():
-            new_trainable, new_inner = apply_fn()
-        else:
-            # A skipped step returns the old values, bit for bit. A cond
-            # rather than a select of new and old values: XLA does not fuse
-            # the select into the update, which would add a pass over every
-            # weight and moment.
-            new_trainable, new_inner = ops.cond(
-                finite,
-                apply_fn,
-                lambda: (list(trainable_values), list(inner_values)),
-            )
-        return new_trainable, new_own + new_inner
 
     def _jax_apply(self, grads, trainable_variables):
         """Eager `apply` on JAX, through the stateless path."""

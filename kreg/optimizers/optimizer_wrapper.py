@@ -3,6 +3,7 @@
 import contextlib
 
 import keras
+from keras import ops
 
 
 def set_untracked(optimizer, **attributes):
@@ -17,25 +18,26 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     """An optimizer that adds per-step work around an inner optimizer.
 
     The model of `keras.optimizers.LossScaleOptimizer`: the inner optimizer
-    updates the weights; the wrapper's `apply` (and, on JAX,
-    `stateless_apply`) adds its own work inside the compiled train step.
-    The learning rate, `iterations`, `scale_loss` and
+    updates the weights; the wrapper adds its own work inside the compiled
+    train step. The learning rate, `iterations`, `scale_loss` and
     `finalize_variable_values` are the inner optimizer's; `variables` are
-    the wrapper's own followed by the inner ones, and `get_config` nests
-    the inner optimizer's config under ``"optimizer"``.
+    the wrapper's own (`own_variables`) followed by the inner ones, and
+    `get_config` nests the inner optimizer's config under ``"optimizer"``.
+
+    `apply` and (on JAX) `stateless_apply` run the same three steps, which
+    subclasses fill in:
+
+    1. ``before_inner_step(grads, weights)`` returns the gradients for the
+       inner optimizer and whether it steps (a boolean scalar; None:
+       always);
+    2. ``apply_inner(grads, variables)`` (``stateless_apply_inner`` in
+       `stateless_apply`) lets the inner optimizer update the weights;
+    3. ``after_inner_step(variables, weights, stepped)``, where a subclass
+       defines it, sees the updated weights and whether the inner
+       `iterations` moved (``stepped``).
 
     Subclasses create their own variables in `build_own(var_list)`, which
     runs before the inner optimizer is built.
-
-    `install_wrapper(model, cls, make)` puts a wrapper around a compiled
-    model's optimizer (the one from ``make(model.optimizer)``) unless one of
-    class `cls` is already in its chain of wrappers, and rebuilds the model's
-    train function with the public ``model.make_train_function(force=True)``,
-    so later fits reuse that train function: the first fit of the wrapped
-    model compiles once. An installed wrapper saves and loads the inner
-    optimizer's state only (`saves_inner_state_only`): checkpoints written
-    while it is in place hold the optimizer state of the model's own
-    optimizer, as without it, and load into the model compiled as before.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (or a name or
@@ -60,15 +62,16 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         self.inner_optimizer = optimizer
         self.saves_inner_state_only = False
 
+    # Building ------------------------------------------------------------
+    def build_own(self, var_list):
+        """Creates the wrapper's own variables (`add_variable`)."""
+
     def keep_built_variables(self, var_list):
         """Keeps the weights it is built with (`built_variables`) and their
         places (`positions`); a subclass's own `build` calls it too."""
         var_list = list(var_list)
         set_untracked(self, built_variables=var_list, _places={
             id(v): i for i, v in enumerate(var_list)})
-
-    def build_own(self, var_list):
-        """Creates the wrapper's own variables (`add_variable`)."""
 
     def build(self, var_list):
         self.keep_built_variables(var_list)
@@ -95,7 +98,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
                 raise ValueError(
                     f"{type(self).__name__}.apply without "
                     "`trainable_variables` needs a built optimizer: call "
-                    "`optimizer.build(trainable_variables)` first.")
+                    "`optimizer.build(trainable_variables)` first. "
+                    "Received: trainable_variables=None")
             return self.built_variables
         trainable_variables = list(trainable_variables)
         if not self.built:
@@ -112,6 +116,83 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
         """The places of `variables` in the list it was built with."""
         return [self._places[id(v)] for v in variables]
 
+    # A step --------------------------------------------------------------
+    def before_inner_step(self, grads, weights):
+        """The gradients for the inner optimizer and whether it steps (a
+        boolean scalar, or None: always). `weights` are the variables
+        (`apply`) or their values (`stateless_apply`)."""
+        return grads, None
+
+    def apply_inner(self, grads, variables):
+        """The inner optimizer's update of `variables`."""
+        self.inner_optimizer.apply(grads, variables)
+
+    def stateless_apply_inner(self, optimizer_values, grads, weights):
+        """`apply_inner` on values: the new `weights` and the new values of
+        `variables` (given as `optimizer_values`)."""
+        count = len(self.own_variables)
+        new_weights, new_inner = self.inner_optimizer.stateless_apply(
+            optimizer_values[count:], grads, weights)
+        return list(new_weights), optimizer_values[:count] + list(new_inner)
+
+    # ``after_inner_step(variables, weights, stepped)``: a subclass's work
+    # after the inner step (`weights`: the new values of `variables`;
+    # `stepped`: whether the inner `iterations` moved). None: no such work.
+    after_inner_step = None
+
+    def apply(self, grads, trainable_variables=None):
+        variables = self.variables_to_apply(trainable_variables)
+        grads, steps = self.before_inner_step(list(grads), variables)
+        if self.after_inner_step is not None:
+            before = ops.copy(self.iterations)
+        if steps is None:
+            self.apply_inner(grads, variables)
+        else:
+            ops.cond(steps, lambda: self.apply_inner(grads, variables),
+                     lambda: None)
+        if self.after_inner_step is not None:
+            stepped = ops.not_equal(ops.copy(self.iterations), before)
+            self.after_inner_step(variables, variables, stepped)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        if not self.built:
+            raise ValueError(
+                f"To call `stateless_apply`, {type(self).__name__} must be "
+                "built. Call `optimizer.build(trainable_variables)` first.")
+        variables = self.variables
+        values = [ops.convert_to_tensor(v) for v in optimizer_variables]
+        weights = [ops.convert_to_tensor(v) for v in trainable_variables]
+        # The inner optimizer's variables are mapped too: a hook may read
+        # them (an inner LossScaleOptimizer's scale, its `iterations`).
+        with keras.StatelessScope(
+                state_mapping=list(zip(variables, values))) as scope:
+            grads, steps = self.before_inner_step(list(grads), weights)
+            if self.after_inner_step is not None:
+                before = ops.copy(self.iterations)
+            values = [scope.get_current_value(v) for v in variables]
+
+        def inner_step():
+            return self.stateless_apply_inner(values, grads, weights)
+
+        if steps is None:
+            new_weights, new_values = inner_step()
+        else:
+            # A skipped step returns the old values, bit for bit. A cond
+            # rather than a select of new and old values: XLA does not fuse
+            # the select into the update, which would add a pass over every
+            # weight and moment.
+            new_weights, new_values = ops.cond(
+                steps, inner_step, lambda: (weights, values))
+        if self.after_inner_step is not None:
+            with keras.StatelessScope(
+                    state_mapping=list(zip(variables, new_values))) as scope:
+                stepped = ops.not_equal(ops.copy(self.iterations), before)
+                self.after_inner_step(self.trained_variables(), new_weights,
+                                      stepped)
+                new_values = [scope.get_current_value(v) for v in variables]
+        return new_weights, new_values
+
+    # Delegated to the inner optimizer -------------------------------------
     @property
     def learning_rate(self):
         return self.inner_optimizer.learning_rate
@@ -130,6 +211,7 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    # Saving --------------------------------------------------------------
     def save_own_variables(self, store):
         if self.saves_inner_state_only:
             self.inner_optimizer.save_own_variables(store)
@@ -173,10 +255,19 @@ def find_wrapper(optimizer, cls):
 
 
 def install_wrapper(model, cls, make, var_list=None):
-    """The `cls` wrapper in `model`'s optimizer chain; if there is none,
-    ``make(model.optimizer)`` becomes the model's optimizer, built on
-    `var_list` (default: the weights the optimizer may train), and the
-    model's train function is rebuilt around it."""
+    """Puts a wrapper of class `cls` around a compiled model's optimizer,
+    unless one is already in its chain of wrappers; returns that wrapper.
+
+    The wrapper, ``make(model.optimizer)``, is built on `var_list`
+    (default: every weight the optimizer may train) and becomes the
+    model's optimizer; a train function the model has is rebuilt with the
+    public ``model.make_train_function(force=True)``, so later fits reuse
+    it: the first fit of the wrapped model compiles once. The wrapper saves
+    and loads the inner optimizer's state only (`saves_inner_state_only`):
+    checkpoints written while it is in place hold the optimizer state of
+    the model's own optimizer, as without it, and load into the model
+    compiled as before.
+    """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         raise ValueError(
@@ -203,4 +294,3 @@ def install_wrapper(model, cls, make, var_list=None):
     if model.train_function is not None:
         model.make_train_function(force=True)
     return wrapper
-
