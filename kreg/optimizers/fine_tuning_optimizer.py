@@ -102,26 +102,20 @@ class FineTuningOptimizer(OptimizerWrapper):
             _ScaledLearningRate(optimizer, self.base_learning_rate_factor)))
         self.base_optimizer = type(optimizer).from_config(config)
 
-    def build(self, var_list):
-        var_list = list(var_list)
+    def build_own(self, var_list):
         if any(i >= len(var_list) for i in self.base_indices):
             raise ValueError(
                 f"`base_indices` {self.base_indices} do not fit the "
                 f"{len(var_list)} weights the optimizer is built with.")
-        self.keep_built_variables(var_list)
         set_untracked(self, _base_ids={
             id(var_list[i]) for i in self.base_indices})
         base, _ = self._split(var_list)
-        if not self.inner_optimizer.built:
-            # On every weight, as when compiled without the wrapper, so that
-            # checkpoints (which hold its state) load into such a model.
-            self.inner_optimizer.build(var_list)
         self.base_optimizer.build(base)
-        keras.optimizers.Optimizer.build(self, var_list)
 
     @property
-    def variables(self):
-        return super().variables + self.base_optimizer.variables
+    def own_variables(self):
+        """The wrapper's own state: the base optimizer's variables."""
+        return super().own_variables + self.base_optimizer.variables
 
     def _split(self, variables, grads=None):
         """``(base, head)`` lists of `variables` (or, with `grads`, of
@@ -134,26 +128,38 @@ class FineTuningOptimizer(OptimizerWrapper):
         return base, head
 
     def apply(self, grads, trainable_variables=None):
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError(
-                    "FineTuningOptimizer.apply needs the "
-                    "`trainable_variables` before it is built. Received: "
-                    "trainable_variables=None")
+        if trainable_variables is None and self.built:
             trainable_variables = self.trained_variables()
-        trainable_variables = list(trainable_variables)
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
-        grads = _clip_by_global_norm(
-            list(grads), self.inner_optimizer.global_clipnorm)
-        base, head = self._split(trainable_variables, grads)
+        super().apply(grads, trainable_variables)
+
+    def before_inner_step(self, grads, weights):
+        return _clip_by_global_norm(
+            grads, self.inner_optimizer.global_clipnorm), None
+
+    def apply_inner(self, grads, variables):
+        base, head = self._split(variables, grads)
         # The base first: its rate is read from the inner optimizer's
         # schedule at the step, before the head's update counts it.
         for optimizer, pairs in ((self.base_optimizer, base),
                                  (self.inner_optimizer, head)):
             if pairs:
                 optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    def stateless_apply_inner(self, optimizer_values, grads, weights):
+        # Each optimizer updates part of the weights: `apply_inner` in a
+        # stateless scope of all of them.
+        variables = self.trained_variables()
+        if len(variables) != len(weights):
+            raise ValueError(
+                f"{len(weights)} trainable weights were passed, "
+                f"but {len(variables)} of the weights this optimizer was "
+                "built with are trainable: it was built for another model.")
+        mapping = list(zip(variables, weights)) + list(
+            zip(self.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.apply_inner(grads, variables)
+        return ([scope.get_current_value(v) for v in variables],
+                [scope.get_current_value(v) for v in self.variables])
 
     def hand_back_base_state(self):
         """Copies the base optimizer's per-weight state (moments) into the
@@ -173,20 +179,6 @@ class FineTuningOptimizer(OptimizerWrapper):
             if (variable.name.startswith(prefixes) and target is not None
                     and tuple(target.shape) == tuple(variable.shape)):
                 target.assign(keras.ops.copy(variable))
-
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        variables = self.trained_variables()
-        if len(variables) != len(trainable_variables):
-            raise ValueError(
-                f"{len(trainable_variables)} trainable weights were passed, "
-                f"but {len(variables)} of the weights this optimizer was "
-                "built with are trainable: it was built for another model.")
-        mapping = list(zip(variables, trainable_variables)) + list(
-            zip(self.variables, optimizer_variables))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            self.apply(grads, variables)
-        return ([scope.get_current_value(v) for v in variables],
-                [scope.get_current_value(v) for v in self.variables])
 
     def get_config(self):
         return {**super().get_config(), "base_indices": self.base_indices,

@@ -66,15 +66,10 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
     def build_own(self, var_list):
         """Creates the wrapper's own variables (`add_variable`)."""
 
-    def keep_built_variables(self, var_list):
-        """Keeps the weights it is built with (`built_variables`) and their
-        places (`positions`); a subclass's own `build` calls it too."""
+    def build(self, var_list):
         var_list = list(var_list)
         set_untracked(self, built_variables=var_list, _places={
             id(v): i for i, v in enumerate(var_list)})
-
-    def build(self, var_list):
-        self.keep_built_variables(var_list)
         self.build_own(var_list)
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
