@@ -37,7 +37,9 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
        `iterations` moved (``stepped``).
 
     Subclasses create their own variables in `build_own(var_list)`, which
-    runs before the inner optimizer is built.
+    runs before the inner optimizer is built. With `saves_inner_state_only`
+    (set by `install_wrapper`) it saves and loads the inner optimizer's
+    state only.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (or a name or
