@@ -128,6 +128,7 @@ class FineTuningOptimizer(OptimizerWrapper):
         return base, head
 
     def apply(self, grads, trainable_variables=None):
+        # Without `trainable_variables`: the weights trainable now.
         if trainable_variables is None and self.built:
             trainable_variables = self.trained_variables()
         super().apply(grads, trainable_variables)
