@@ -152,6 +152,8 @@ class OptimizerWrapper(keras.optimizers.Optimizer):
             self.after_inner_step(variables, variables, stepped)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        """`apply` on values (JAX's train step): the new values of the
+        weights (those trainable now) and of `variables`."""
         if not self.built:
             raise ValueError(
                 f"To call `stateless_apply`, {type(self).__name__} must be "
