@@ -33,10 +33,6 @@ _LENGTHS = ("epochs", "steps", "scaled")
 # from (weights, then optimizer variables); phase 2's backup in a subfolder.
 _STATE_NAME = "kreg_retrain_on_full_data"
 _PHASE2_FOLDER = "kreg_retrain_phase2"
-# Phase 1's backups, deleted when phase 2 begins: a resumed fit must not
-# train phase 1 again.
-_KERAS_BACKUP_FILES = tuple(name + suffix for name in (
-    "latest.weights.h5", "training_metadata.json") for suffix in ("", ".bkp"))
 _PHASE1_STATES = (early_stopping._STATE_NAME, ema._STATE_NAME)
 
 
@@ -317,7 +313,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             if resuming:
                 state_files.write_folder(backup, self._phase2_files)
             else:
-                for name in _KERAS_BACKUP_FILES:
+                for name in keras_private.KERAS_BACKUP_FILES:
                     if os.path.exists(os.path.join(written, name)):
                         os.remove(os.path.join(written, name))
                 for base in _PHASE1_STATES:
