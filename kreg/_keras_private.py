@@ -56,7 +56,6 @@ import inspect
 
 import keras
 
-
 # Keras's BackupAndRestore files (see 7. above).
 KERAS_BACKUP_FILES = tuple(name + suffix for name in (
     "latest.weights.h5", "training_metadata.json") for suffix in ("", ".bkp"))

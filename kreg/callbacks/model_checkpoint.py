@@ -95,8 +95,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             self._write_state(path, epoch, True)
 
     def _has_states(self):
-        return any(registry.lookup(self, role) for role in
-                   ("ema", "early_stopping", "retrain_on_full_data"))
+        return bool(registry.stateful_callbacks(self))
 
     def _saved_path(self, epoch, batch, logs, best_before):
         """The file Keras's hook just wrote, or None if it wrote none.
@@ -119,12 +118,15 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         return path if self.best is not best_before else None
 
     def _write_state(self, path, epoch, at_epoch_end):
+        """Writes every stateful callback's state beside `path`: for a file
+        saved at an epoch's end, once the callback has finished that epoch
+        (it may be listed after this one); the resumed fit starts at the
+        next epoch. Within an epoch, now: the resumed fit runs it again."""
         folder = state_files.checkpoint_folder(path)
-        ema = registry.lookup(self, "ema")
-        if ema is not None and ema.shadow_variables:
-            # At an epoch's end the resumed fit starts at the next epoch.
-            ema._save_state(folder, epoch + 1 if at_epoch_end else epoch)
-        for role in ("early_stopping", "retrain_on_full_data"):
-            for other in registry.lookup_all(self, role):
-                other._checkpoint_writes.request(folder, epoch,
-                                                 at_epoch_end=at_epoch_end)
+        for callback in registry.stateful_callbacks(self):
+            if at_epoch_end:
+                registry.when_epoch_finished(
+                    callback, epoch,
+                    lambda c=callback: c.write_state(folder, epoch + 1))
+            else:
+                callback.write_state(folder, epoch)
