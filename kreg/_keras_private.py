@@ -31,11 +31,34 @@ the Keras versions it was checked on: 3.12.0 (the floor in setup.cfg) and
    Functional model nested in another model: its public ``input`` returns
    its own ``keras.Input`` (Functional overrides it), not the tensor of the
    outer graph. Read only; checked on Keras 3.12.0 and 3.15.1.
+
+Keras behaviours kreg relies on that Keras documents loosely or not at all
+(public API, no private access; checked on 3.12.0 and 3.15.1):
+
+5. ``keras.callbacks.ModelCheckpoint`` names a file by
+   ``filepath.format(epoch=epoch + 1, **logs)`` (plus ``batch=batch + 1``
+   for a save within an epoch, unless the logs have a ``batch``), and with
+   ``save_best_only`` saves exactly when the monitored value is missing,
+   not a scalar, or improves, assigning it to ``best``. kreg's
+   ``ModelCheckpoint`` derives the path it saved from these rules.
+6. ``keras.callbacks.CallbackList`` hands one ``params`` dict to every
+   callback of a ``fit`` and calls ``set_model`` and ``set_params`` on each
+   (in list order) before any hook: ``kreg/callbacks/_registry.py`` tells
+   the callbacks of the running ``fit`` by that shared dict.
+7. ``keras.callbacks.BackupAndRestore`` writes ``latest.weights.h5`` and
+   ``training_metadata.json`` (``.bkp`` copies with
+   ``double_checkpoint``) into ``backup_dir``: ``RetrainOnFullData``
+   deletes them when its second phase begins, so that a resumed ``fit``
+   does not train the first phase again.
 """
 
 import inspect
 
 import keras
+
+# Keras's BackupAndRestore files (see 7. above).
+KERAS_BACKUP_FILES = tuple(name + suffix for name in (
+    "latest.weights.h5", "training_metadata.json") for suffix in ("", ".bkp"))
 
 
 def forget_resumed_epoch(model):

@@ -16,6 +16,7 @@ epoch on 4 samples).
 import dataclasses
 import inspect
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -172,7 +173,8 @@ def _short(value):
     if isinstance(value, (tuple, list)):
         inner = ", ".join(_short(v) for v in value)
         return f"({inner},)" if isinstance(value, tuple) else f"[{inner}]"
-    return repr(value)
+    # Without memory addresses: every test process names a row alike.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def numbers(argument, *out_of_range, optional=False, infinite=()):

@@ -11,6 +11,9 @@ callbacks of the running ``fit`` from stale ones of an earlier call.
 import weakref
 
 _REGISTRY = weakref.WeakKeyDictionary()
+# Per stateful callback: the last epoch whose end it has finished in the
+# running fit, and the writes waiting for an epoch's end.
+_PROGRESS = weakref.WeakKeyDictionary()
 
 
 def register(callback, role):
@@ -68,3 +71,39 @@ def backup_folder(callback, own):
         return own
     backup = lookup(callback, "backup_and_restore")
     return None if backup is None else backup.shared_backup_dir
+
+
+def register_stateful(callback):
+    """Records a callback with state (``state_name``, ``get_state``,
+    ``set_state``, ``write_state(folder, epoch)``) for its model's running
+    ``fit``: `kreg.callbacks.ModelCheckpoint` and
+    `kreg.callbacks.BackupAndRestore` write its state."""
+    register(callback, "stateful")
+    _PROGRESS[callback] = {"finished": None, "waiting": []}
+
+
+def stateful_callbacks(callback):
+    """The callbacks with state in the same ``fit`` as `callback`."""
+    return lookup_all(callback, "stateful")
+
+
+def when_epoch_finished(callback, epoch, write):
+    """Calls ``write()`` once `callback` has finished `epoch` (its
+    ``on_epoch_end`` has run): now if it has, else from `finish_epoch`."""
+    progress = _PROGRESS.get(callback)
+    if progress is None or progress["finished"] == epoch:
+        write()
+    else:
+        progress["waiting"].append((epoch, write))
+
+
+def finish_epoch(callback, epoch):
+    """Called by a callback with state at the end of its ``on_epoch_end``:
+    runs the writes waiting for that epoch."""
+    progress = _PROGRESS.setdefault(callback, {"finished": None,
+                                               "waiting": []})
+    progress["finished"] = epoch
+    waiting, progress["waiting"] = progress["waiting"], []
+    for waited, write in waiting:
+        if waited == epoch:
+            write()

@@ -21,41 +21,46 @@ _PHASE2_LOGS = "kreg_retrain_phase2_logs"
 class _Phase2Logs(keras.callbacks.Callback):
     """Keeps phase 2's epoch logs, saved in `folder` (if any) so that a
     resumed phase 2 still reports the epochs run before the interruption;
-    with a target loss (algorithm 7.3), stops once the loss on the
-    validation part is below it.
+    with a ``target`` loss in `plan` (algorithm 7.3), stops once
+    ``validation_loss()`` is below it.
 
-    Stands for `owner` in phase 2's ``fit``: a `kreg.callbacks.ModelCheckpoint`
-    there writes the phase-2 state beside each file, once this epoch is
-    logged."""
+    Stands for its `kreg.callbacks.RetrainOnFullData` in phase 2's ``fit``:
+    a `kreg.callbacks.ModelCheckpoint` there calls `write_state`, which
+    hands ``(folder, resume_at, rows)`` to ``write``."""
 
-    def __init__(self, owner, folder, rows=()):
+    def __init__(self, folder, rows, plan, validation_loss, write):
         super().__init__()
-        self.owner = owner
         self.folder = folder
         self.initial_rows = list(rows)  # from a phase-2 checkpoint
+        self.plan = plan
+        self.validation_loss = validation_loss
+        self.write = write
         self.rows = []
         self.first_epoch = None
 
+    @property
+    def state_name(self):
+        return "kreg_retrain_on_full_data"
+
+    def get_state(self):
+        return {"rows": list(self.rows)}
+
+    def set_state(self, state):
+        self.rows = list(state["rows"])
+
+    def write_state(self, folder, epoch):
+        # Phase 2 stopped (algorithm 7.3's condition, or a callback): a fit
+        # resumed from this file runs no more epochs.
+        resume_at = self.plan["epochs"] if self.model.stop_training else epoch
+        self.write(folder, resume_at, self.rows[:resume_at])
+
     def on_train_begin(self, logs=None):
-        registry.register(self, "retrain_on_full_data")
+        registry.register_stateful(self)
         saved = None if self.folder is None else state_files.load_json(
             self.folder, _PHASE2_LOGS)
-        self.rows = (list(self.initial_rows) if saved is None
-                     else saved["rows"])
+        self.set_state({"rows": self.initial_rows} if saved is None
+                       else saved)
         self.first_epoch = None
-        self._checkpoint_writes = state_files.CheckpointWrites(self._write)
-
-    def _write(self, folder, epoch, at_epoch_end):
-        if not at_epoch_end:  # mid-epoch: a resumed fit runs it again
-            resume_at = epoch
-        elif self.model.stop_training:
-            # Phase 2 stopped here (algorithm 7.3's condition, or a
-            # callback): a fit resumed from this file runs no more epochs.
-            resume_at = self.owner._plan["epochs"]
-        else:
-            resume_at = epoch + 1
-        self.owner._save_state(folder, 2, [], phase2={
-            "epoch": resume_at, "rows": self.rows[:resume_at]})
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
@@ -64,16 +69,16 @@ class _Phase2Logs(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
-        target = self.owner._plan["target"]
+        target = self.plan["target"]
         if target is not None:
-            logs["val_part_loss"] = self.owner._validation_loss()
+            logs["val_part_loss"] = self.validation_loss()
             if logs["val_part_loss"] < target:
                 self.model.stop_training = True
         self.rows.append(_numbers(logs))
         if self.folder is not None:
             state_files.save_json(self.folder, _PHASE2_LOGS,
                                   {"rows": self.rows})
-        self._checkpoint_writes.epoch_finished(epoch)
+        registry.finish_epoch(self, epoch)
 
 
 def _numbers(logs):

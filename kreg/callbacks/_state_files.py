@@ -1,5 +1,5 @@
 """kreg callbacks' state in files: in a backup folder, beside checkpoint
-files (`CheckpointWrites`).
+files (`kreg.callbacks.ModelCheckpoint`).
 
 A state is one file, ``<name>.npz``: its numbers (JSON) and its arrays,
 written to a temporary file in the same folder and put in place by one
@@ -119,34 +119,6 @@ def load_checkpoint_state(filepath, name, owner):
             f"resume_from={filepath!r}"
         )
     return loaded
-
-
-class CheckpointWrites:
-    """Writes a callback's state beside each file `kreg.callbacks.
-    ModelCheckpoint` saves (it calls `request`). A file saved at the end of
-    an epoch the callback has not finished yet (the checkpoint is listed
-    before it) gets the state once the callback has (`epoch_finished`).
-
-    ``write(folder, epoch, at_epoch_end)`` writes the state for a file
-    saved at `epoch`, at its end or in its middle. One per ``fit``.
-    """
-
-    def __init__(self, write):
-        self.write = write
-        self.finished_epoch = None
-        self.waiting = []
-
-    def request(self, folder, epoch, at_epoch_end):
-        if at_epoch_end and self.finished_epoch != epoch:
-            self.waiting.append(folder)
-        else:
-            self.write(folder, epoch, at_epoch_end)
-
-    def epoch_finished(self, epoch):
-        self.finished_epoch = epoch
-        for folder in self.waiting:
-            self.write(folder, epoch, True)
-        self.waiting = []
 
 
 # Writing -----------------------------------------------------------------

@@ -105,6 +105,8 @@ class EarlyStopping(keras.callbacks.Callback):
         self.resume_from = check_optional_path("resume_from", resume_from)
         self._backup_folder = self.backup_dir  # set again in on_train_begin
         self._maximize = None
+        self._state_name = _STATE_NAME
+        self._finished = False
         self._reset()
 
     def _reset(self):
@@ -146,9 +148,19 @@ class EarlyStopping(keras.callbacks.Callback):
             None if weights is None else [np.array(w) for w in weights]
         )
 
+    @property
+    def state_name(self):
+        """The name of its state in a backup folder or beside a checkpoint
+        (``kreg_early_stopping``, ``kreg_early_stopping_2`` for the second
+        EarlyStopping of a ``fit``, ...)."""
+        return self._state_name
+
+    def write_state(self, folder, epoch):
+        """Writes `get_state()` to `folder` for a ``fit`` resumed at
+        `epoch` (`kreg.callbacks.ModelCheckpoint` calls it)."""
+        self._save_state(folder, epoch)
+
     def _save_state(self, folder, epoch, keep_previous=False):
-        """Writes the state to `folder`, for a ``fit`` resumed at `epoch`
-        (the epochs it has counted: the state's epoch stamp)."""
         state = self.get_state()
         weights = state.pop("best_weights")
         state["has_weights"] = weights is not None
@@ -170,13 +182,8 @@ class EarlyStopping(keras.callbacks.Callback):
         self._reset()
         self._maximize = None
         self._finished = False
-        # Beside kreg's ModelCheckpoint files, once the epoch is counted.
-        # (A file saved in the middle of an epoch gets the state the epoch
-        # began with: the resumed fit runs that epoch again.)
-        self._checkpoint_writes = state_files.CheckpointWrites(
-            lambda folder, epoch, at_epoch_end: self._save_state(
-                folder, epoch + 1 if at_epoch_end else epoch))
         registry.register(self, "early_stopping")
+        registry.register_stateful(self)
         # Several EarlyStopping callbacks in one fit keep their states apart
         # (by their order in the callback list).
         self._state_name = registry.state_name(self, "early_stopping",
@@ -241,18 +248,28 @@ class EarlyStopping(keras.callbacks.Callback):
             # fit runs this epoch again, from that one.
             self._save_state(self._backup_folder, epoch + 1,
                              keep_previous=True)
-        self._checkpoint_writes.epoch_finished(epoch)
+        registry.finish_epoch(self, epoch)
 
     def on_train_end(self, logs=None):
         if not self._finished:
             if not self._resumed:
                 # No epoch ran (a fit resumed after its last epoch).
                 self._resume(None)
-            self._finish()
+            self.finish()
 
-    def _finish(self):
-        """Restores the best weights (once); RetrainOnFullData may call it
-        before its second phase, whatever the order of the callbacks."""
+    @property
+    def finished(self):
+        """Whether `finish` has run in this ``fit``."""
+        return self._finished
+
+    def finish(self):
+        """Ends training's use of this callback, once per ``fit``: restores
+        the best weights (``restore_best_weights``) and deletes its state
+        in the backup folder. ``on_train_end`` calls it;
+        `kreg.callbacks.RetrainOnFullData` calls it before its second
+        phase, whatever the order of the callbacks."""
+        if self._finished:
+            return
         self._finished = True
         if self.stopped_epoch > 0 and self.verbose > 0:
             print(
@@ -266,7 +283,7 @@ class EarlyStopping(keras.callbacks.Callback):
                 )
             self.model.set_weights(self.best_weights)
             for ema in registry.lookup_all(self, "ema"):
-                ema._weights_restored_by_early_stopping()
+                ema.forget_raw_weights()
         if self._backup_folder is not None:
             state_files.delete_state(self._backup_folder, self._state_name)
 

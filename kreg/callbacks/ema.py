@@ -180,25 +180,62 @@ class EMA(keras.callbacks.Callback):
         finally:
             (self.swap_in if was_in else self.swap_out)()
 
+    @property
+    def state_name(self):
+        """The name of its state in a backup folder or beside a checkpoint."""
+        return _STATE_NAME
+
     def get_state(self):
-        """The step count and shadow values (NumPy), as a dict."""
+        """The step count, the shadow values and the raw values of the
+        averaged weights (NumPy), as a dict."""
         self._check_started()
-        return {"steps": self.steps, "shadow": _numpy(self._shadow_values())}
+        return {"steps": self.steps, "shadow": _numpy(self._shadow_values()),
+                "raw_weights": _numpy(self._raw_values())}
 
     def set_state(self, state):
-        """Restores a state produced by `get_state` (after training began)."""
+        """Restores a state produced by `get_state` (after training began);
+        without ``raw_weights``, the model's weights stay as they are."""
         self._check_started()
-        shapes = [tuple(np.shape(v)) for v in state["shadow"]]
         expected = [tuple(t.shape) for t in self._targets]
-        if shapes != expected:
-            raise ValueError(
-                f"The EMA state holds averages of shapes {shapes}, but the "
-                f"weights this EMA averages have shapes {expected}.")
+        raw = list(state.get("raw_weights") or [])
+        for key, values in (("shadow", state["shadow"]), ("raw_weights", raw)):
+            shapes = [tuple(np.shape(v)) for v in values]
+            if shapes != expected and (values or key == "shadow"):
+                raise ValueError(
+                    f"The EMA state holds {key} of shapes {shapes}, but the "
+                    f"weights this EMA averages have shapes {expected}.")
         self._shadow = [keras.ops.convert_to_tensor(v, t.dtype)
                         for v, t in zip(state["shadow"], self._targets)]
         self._steps = int(state["steps"])
+        if raw and self._averaged_in_model and self._backup is not None:
+            self._backup = [keras.ops.convert_to_tensor(v, t.dtype)
+                            for v, t in zip(raw, self._targets)]
+        elif raw:
+            for target, value in zip(self._targets, raw):
+                target.assign(value)
         if self._live:
             self._lend_shadow()
+
+    def write_state(self, folder, epoch):
+        """Writes `get_state()` to `folder` for a ``fit`` resumed at
+        `epoch` (`kreg.callbacks.ModelCheckpoint` calls it); nothing
+        before training began."""
+        if self._shadow is None and not self._live:
+            return
+        state = self.get_state()
+        state_files.save_state(
+            folder, _STATE_NAME,
+            {"steps": state["steps"], "epoch": epoch,
+             "num_shadow": len(state["shadow"])},
+            state["shadow"] + state["raw_weights"])
+
+    def forget_raw_weights(self):
+        """Keeps the weights now in the model when training ends, and
+        forgets the raw ones it would swap back: another callback
+        (`kreg.callbacks.EarlyStopping` restoring its best) put weights of
+        its own in."""
+        self._restored_by_early_stopping = True
+        self._averaged_in_model, self._backup = False, None
 
     # Callback hooks --------------------------------------------------------
     def set_model(self, model):
@@ -212,6 +249,7 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         registry.register(self, "ema")
+        registry.register_stateful(self)
         self._check_one_per_fit()
         self._check_no_keras_ema()
         self._end_interrupted_inference()
@@ -263,7 +301,8 @@ class EMA(keras.callbacks.Callback):
             self.swap_in()
             self._epoch_view = True
         if self._backup_folder is not None:
-            self._save_state(self._backup_folder, epoch + 1)
+            self.write_state(self._backup_folder, epoch + 1)
+        registry.finish_epoch(self, epoch)
 
     def on_test_begin(self, logs=None):
         self._end_interrupted_inference()
@@ -293,7 +332,7 @@ class EMA(keras.callbacks.Callback):
             self._epoch_view = False
             if self._averaged_in_model and not self._shadow_in_model():
                 # Keras's EarlyStopping restored its best: keep them.
-                self._weights_restored_by_early_stopping()
+                self.forget_raw_weights()
         if self._started and not self._restored_by_early_stopping:
             if self.keep_averaged:
                 self.swap_in()
@@ -375,28 +414,13 @@ class EMA(keras.callbacks.Callback):
             return
         numbers, arrays = saved
         count = numbers.get("num_shadow", len(arrays))
-        self.set_state({"steps": numbers["steps"], "shadow": arrays[:count]})
-        for target, value in zip(self._targets, arrays[count:]):
-            target.assign(value)
-
-    def _save_state(self, folder, epoch):
-        """Writes the shadow, the raw weights and the step count to `folder`
-        (for a ``fit`` resumed at `epoch`)."""
-        shadow = _numpy(self._shadow_values())
-        state_files.save_state(
-            folder, _STATE_NAME,
-            {"steps": self.steps, "epoch": epoch, "num_shadow": len(shadow)},
-            shadow + _numpy(self._raw_values()))
+        self.set_state({"steps": numbers["steps"], "shadow": arrays[:count],
+                        "raw_weights": arrays[count:]})
 
     def _shadow_in_model(self):
         return all(np.array_equal(a, b) for a, b in zip(
             _numpy(v.value for v in self._targets),
             _numpy(self._shadow_values())))
-
-    def _weights_restored_by_early_stopping(self):
-        """EarlyStopping put the best (averaged) weights in: keep them."""
-        self._restored_by_early_stopping = True
-        self._averaged_in_model, self._backup = False, None
 
     def _swap_for_inference(self, wanted):
         if wanted and self._shadow is not None and not self._shares_weights():

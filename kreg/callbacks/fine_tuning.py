@@ -137,6 +137,7 @@ class FineTuning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._training = True
+        registry.register_stateful(self)
         self._backup_folder = registry.backup_folder(self, None)
         self._resumed = False
 
@@ -166,24 +167,49 @@ class FineTuning(keras.callbacks.Callback):
                                              _STATE_NAME, epoch)
             if saved is None:
                 return
-            variables = self._base_optimizer().variables
-            if len(saved[1]) != len(variables):
+            try:
+                self.set_state({"base_optimizer": saved[1]})
+            except ValueError as error:
                 path = state_files.state_path(self._backup_folder,
                                               _STATE_NAME)
                 raise ValueError(
-                    f"The FineTuning state in {path!r} holds "
-                    f"{len(saved[1])} optimizer values but the base's "
-                    f"optimizer has {len(variables)}: it belongs to another "
-                    "model. Delete it to resume without it.")
-            for variable, value in zip(variables, saved[1]):
-                variable.assign(value)
+                    f"The FineTuning state in {path!r}: {error} It belongs "
+                    "to another model. Delete it to resume without it."
+                ) from error
 
     def on_epoch_end(self, epoch, logs=None):
         if self._backup_folder is not None:
-            state_files.save_state(
-                self._backup_folder, _STATE_NAME, {"epoch": epoch + 1},
-                [keras.ops.convert_to_numpy(v)
-                 for v in self._base_optimizer().variables])
+            self.write_state(self._backup_folder, epoch + 1)
+        registry.finish_epoch(self, epoch)
+
+    # State -----------------------------------------------------------------
+    @property
+    def state_name(self):
+        """The name of its state in a backup folder."""
+        return _STATE_NAME
+
+    def get_state(self):
+        """The variables of the base's optimizer (moments, step count) as
+        NumPy arrays: ``{"base_optimizer": [...]}``."""
+        return {"base_optimizer": [keras.ops.convert_to_numpy(v)
+                                   for v in self._base_optimizer().variables]}
+
+    def set_state(self, state):
+        """Restores a state produced by `get_state` (during ``fit``)."""
+        variables = self._base_optimizer().variables
+        values = state["base_optimizer"]
+        if len(values) != len(variables):
+            raise ValueError(
+                f"The FineTuning state holds {len(values)} optimizer values "
+                f"but the base's optimizer has {len(variables)}.")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+
+    def write_state(self, folder, epoch):
+        """Writes `get_state()` to `folder` for a ``fit`` resumed at
+        `epoch`."""
+        state_files.save_state(folder, _STATE_NAME, {"epoch": epoch},
+                               self.get_state()["base_optimizer"])
 
     def on_train_end(self, logs=None):
         if self._backup_folder is not None:

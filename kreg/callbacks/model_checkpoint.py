@@ -3,6 +3,7 @@
 import os
 
 import keras
+import numpy as np
 
 from kreg.callbacks import _registry as registry
 from kreg.callbacks import _state_files as state_files
@@ -77,47 +78,55 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.save_freq == "epoch" or not self._has_states():
             super().on_train_batch_end(batch, logs)
             return
-        before = self._files()
+        best = self.best
         super().on_train_batch_end(batch, logs)
-        self._write_states(before, self._epoch, False)
+        path = self._saved_path(self._epoch, batch, logs, best)
+        if path is not None:
+            self._write_state(path, self._epoch, False)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self._has_states():
+        if self.save_freq != "epoch" or not self._has_states():
             super().on_epoch_end(epoch, logs)
             return
-        before = self._files()
+        best = self.best
         super().on_epoch_end(epoch, logs)
-        self._write_states(before, epoch, True)
+        path = self._saved_path(epoch, None, logs, best)
+        if path is not None:
+            self._write_state(path, epoch, True)
 
     def _has_states(self):
-        return any(registry.lookup(self, role) for role in
-                   ("ema", "early_stopping", "retrain_on_full_data"))
+        return bool(registry.stateful_callbacks(self))
 
-    def _files(self):
-        """The files of the checkpoint folder and their change times: a
-        file new or changed after Keras's hook is the one it saved."""
-        folder = os.path.dirname(os.fspath(self.filepath)) or "."
-        if "{" in folder or not os.path.isdir(folder):
-            return {}
-        return {
-            entry.path: entry.stat().st_mtime_ns
-            for entry in os.scandir(folder)
-            if entry.is_file() and not entry.name.endswith(".tmp")
-        }
+    def _saved_path(self, epoch, batch, logs, best_before):
+        """The file Keras's hook just wrote, or None if it wrote none.
 
-    def _write_states(self, before, epoch, at_epoch_end):
-        after = self._files()
-        for path, stamp in after.items():
-            if before.get(path) != stamp:
-                self._write_state(path, epoch, at_epoch_end)
+        Keras fills `filepath` with ``epoch + 1`` (and ``batch + 1`` for a
+        save within an epoch, unless the logs have a ``batch``) and the
+        logs; with `save_best_only` it saves when the monitored value is
+        missing or not a scalar, or when it improves (then it assigns
+        `best`). See `kreg._keras_private` (5.)."""
+        logs = logs or {}
+        fields = dict(logs, epoch=epoch + 1)
+        if batch is not None and "batch" not in logs:
+            fields["batch"] = batch + 1
+        path = self.filepath.format(**fields)
+        if not self.save_best_only:
+            return path
+        current = logs.get(self.monitor)
+        if current is None or np.ndim(current) > 0:
+            return path
+        return path if self.best is not best_before else None
 
     def _write_state(self, path, epoch, at_epoch_end):
+        """Writes every stateful callback's state beside `path`: for a file
+        saved at an epoch's end, once the callback has finished that epoch
+        (it may be listed after this one); the resumed fit starts at the
+        next epoch. Within an epoch, now: the resumed fit runs it again."""
         folder = state_files.checkpoint_folder(path)
-        ema = registry.lookup(self, "ema")
-        if ema is not None and ema.shadow_variables:
-            # At an epoch's end the resumed fit starts at the next epoch.
-            ema._save_state(folder, epoch + 1 if at_epoch_end else epoch)
-        for role in ("early_stopping", "retrain_on_full_data"):
-            for other in registry.lookup_all(self, role):
-                other._checkpoint_writes.request(folder, epoch,
-                                                 at_epoch_end=at_epoch_end)
+        for callback in registry.stateful_callbacks(self):
+            if at_epoch_end:
+                registry.when_epoch_finished(
+                    callback, epoch,
+                    lambda c=callback: c.write_state(folder, epoch + 1))
+            else:
+                callback.write_state(folder, epoch)

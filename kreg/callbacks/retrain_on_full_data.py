@@ -33,10 +33,6 @@ _LENGTHS = ("epochs", "steps", "scaled")
 # from (weights, then optimizer variables); phase 2's backup in a subfolder.
 _STATE_NAME = "kreg_retrain_on_full_data"
 _PHASE2_FOLDER = "kreg_retrain_phase2"
-# Phase 1's backups, deleted when phase 2 begins: a resumed fit must not
-# train phase 1 again.
-_KERAS_BACKUP_FILES = tuple(name + suffix for name in (
-    "latest.weights.h5", "training_metadata.json") for suffix in ("", ".bkp"))
 _PHASE1_STATES = (early_stopping._STATE_NAME, ema._STATE_NAME)
 
 
@@ -137,10 +133,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
         self._phase2_start = None  # {"epoch", "rows"}: phase-2 checkpoint
         self.retrain_epochs = self.retrain_history = None
         registry.register(self, "retrain_on_full_data")
-        # Beside kreg's ModelCheckpoint files of phase 1, once logged.
-        self._checkpoint_writes = state_files.CheckpointWrites(
-            lambda folder, epoch, at_epoch_end: self._save_state(
-                folder, 1, self._start_values))
+        registry.register_stateful(self)
         self._folder = source = registry.backup_folder(self, self.backup_dir)
         saved = None if source is None else state_files.load_state(
             source, _STATE_NAME)
@@ -155,27 +148,57 @@ class RetrainOnFullData(keras.callbacks.Callback):
         if saved is None:
             return
         numbers, arrays = saved
-        self._phase1_logs = numbers["phase1_logs"]
-        self._phase2_start = numbers.get("phase2")
-        # A checkpoint file of phase 2 has no arrays: the model loaded from
-        # it holds the values phase 2 goes on from.
-        if self._phase2_start is None or arrays:
-            if len(arrays) != len(self._start_values):
-                raise ValueError(
-                    f"The RetrainOnFullData state in {source!r} holds "
-                    f"{len(arrays)} weights and optimizer variables but "
-                    f"this model has {len(self._start_values)}."
-                )
-            self._start_values = arrays
-        if numbers["phase"] == 2:
+        try:
+            self.set_state({**numbers, "start_values": arrays})
+        except ValueError as error:
+            raise ValueError(
+                f"The RetrainOnFullData state in {source!r}: {error}"
+            ) from error
+        if self._plan is not None:
             # Phase 1 had ended: this fit runs none of its epochs. Phase 2's
             # backup is kept in memory: an earlier BackupAndRestore may
             # delete the whole folder when this fit ends.
-            self._plan = numbers["plan"]
             self._phase2_files = {} if self._folder is None else (
                 state_files.read_folder(
                     os.path.join(self._folder, _PHASE2_FOLDER)))
             keras_private.resume_at_epoch(self.model, self.params["epochs"])
+
+    # State -------------------------------------------------------------
+    @property
+    def state_name(self):
+        """The name of its state in a backup folder or beside a checkpoint."""
+        return _STATE_NAME
+
+    def get_state(self):
+        """``phase`` (1 or 2), ``phase1_logs`` (a dict per epoch),
+        ``plan`` (phase 2's length and target, None in phase 1),
+        ``phase2`` (where a resumed phase 2 starts) and ``start_values``
+        (the weights, then the optimizer variables, phase 2 starts from)."""
+        return {"phase": 1 if self._plan is None else 2,
+                "phase1_logs": list(self._phase1_logs), "plan": self._plan,
+                "phase2": self._phase2_start,
+                "start_values": list(self._start_values)}
+
+    def set_state(self, state):
+        """Restores a state produced by `get_state` (after training
+        began)."""
+        values = list(state.get("start_values") or [])
+        # A checkpoint file of phase 2 has no values: the model loaded from
+        # it holds the values phase 2 goes on from.
+        if state.get("phase2") is None or values:
+            if len(values) != len(self._values()):
+                raise ValueError(
+                    f"it holds {len(values)} weights and optimizer variables "
+                    f"but this model has {len(self._values())}.")
+            self._start_values = values
+        self._phase1_logs = list(state["phase1_logs"])
+        self._phase2_start = state.get("phase2")
+        self._plan = state["plan"] if state["phase"] == 2 else None
+
+    def write_state(self, folder, epoch):
+        """Writes `get_state()` to `folder` (`kreg.callbacks.ModelCheckpoint`
+        calls it)."""
+        self._save_state(folder, 1, self._start_values)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._plan is not None:
@@ -210,7 +233,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             self._save_state(self._folder, 1, None if self._start_saved
                              else self._start_values)
             self._start_saved = True
-        self._checkpoint_writes.epoch_finished(epoch)
+        registry.finish_epoch(self, epoch)
 
     def _save_state(self, folder, phase, arrays, phase2=None):
         """Writes the state to `folder`, with `arrays` (the values phase 2
@@ -257,8 +280,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
                 "RetrainOnFullData: EarlyStopping never saw its monitored "
                 f"value `{stop.monitor}`; no best epoch to retrain for."
             )
-        if not stop._finished:  # listed after this callback
-            stop._finish()  # restore the best weights before phase 2
+        stop.finish()  # the best weights, before phase 2
         if not resuming:
             self._plan = self._make_plan(stop)
         # No plan: "continue", with the loss already below the target.
@@ -317,7 +339,7 @@ class RetrainOnFullData(keras.callbacks.Callback):
             if resuming:
                 state_files.write_folder(backup, self._phase2_files)
             else:
-                for name in _KERAS_BACKUP_FILES:
+                for name in keras_private.KERAS_BACKUP_FILES:
                     if os.path.exists(os.path.join(written, name)):
                         os.remove(os.path.join(written, name))
                 for base in _PHASE1_STATES:
@@ -339,7 +361,10 @@ class RetrainOnFullData(keras.callbacks.Callback):
             print(f"Phase 2: continuing on the full data until the "
                   f"validation-part loss < {plan['target']:.6g} (at most "
                   f"{plan['epochs']} epochs)")
-        recorder = _Phase2Logs(self, backup, start["rows"])
+        recorder = _Phase2Logs(
+            backup, start["rows"], plan, self._validation_loss,
+            lambda folder, resume_at, rows: self._save_state(
+                folder, 2, [], phase2={"epoch": resume_at, "rows": rows}))
         callbacks = list(self.callbacks) + [recorder] + (
             [] if backup is None else [BackupAndRestore(backup)])
         # A resumed phase 1 left its start epoch on the model (Keras).

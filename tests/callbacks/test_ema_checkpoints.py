@@ -172,6 +172,32 @@ class EMACheckpointTest(TestCase):
                 # The state stays beside the checkpoint, as the file does.
                 self.assertTrue(os.path.exists(file + ".kreg"))
 
+    def test_state_follows_a_file_saved_again_with_the_same_mtime(self):
+        # A file system with coarse timestamps: the file is overwritten
+        # every epoch, and its modification time does not change.
+        class CoarseTimes(keras.Sequential):
+            def save(self, filepath, *args, **kwargs):
+                stamp = (os.stat(filepath).st_mtime_ns
+                         if os.path.exists(filepath) else None)
+                super().save(filepath, *args, **kwargs)
+                if stamp is not None:
+                    os.utime(filepath, ns=(stamp, stamp))
+
+        def coarse_model():
+            model = CoarseTimes(self.model().layers)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            return model
+
+        file = self.path("last.keras")
+        self.fit(coarse_model(), [EMA(decay=0.8), ModelCheckpoint(file)],
+                 epochs=3)
+        resumed = EMA(decay=0.8, resume_from=file)
+        coarse_model().fit(self.x, self.y, batch_size=8, epochs=4,
+                           initial_epoch=3, shuffle=False, verbose=0,
+                           callbacks=[resumed])
+        # 6 batches per epoch: the state of epoch 3, then one more epoch.
+        self.assertEqual(resumed.steps, 4 * 6)
+
     def test_resume_from_a_file_without_state_raises(self):
         file = self.path("plain.keras")
         model = self.model()
