@@ -58,7 +58,7 @@ def parse_args(argv):
                         "(default: a new walkthrough_output/run-<date-time>"
                         ")")
     parser.add_argument("--quick", action="store_true",
-                        help="small budgets: a smoke run in under 2 minutes")
+                        help="small budgets: a smoke run of a few minutes")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per arm (default 3, --quick 1)")
     parser.add_argument(
