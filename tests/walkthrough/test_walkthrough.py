@@ -56,6 +56,23 @@ class QuickRunTest(unittest.TestCase):
         self.assertGreater(lecture[0], 1e-2 * lecture[-1])
 
 
+class AugmentationRunTest(unittest.TestCase):
+    def test_quick_run_by_name_writes_every_arm_and_a_plot(self):
+        self.assertNotIn("augmentation", DEFAULT_EXPERIMENTS)
+        with tempfile.TemporaryDirectory() as folder:
+            written = main(["--quick", "--seeds", "1", "--experiments",
+                            "augmentation", "--output", folder])
+            [(experiment, plots)] = written
+            self.assertEqual(experiment.key, "augmentation")
+            self.assertEqual(len(experiment.results), len(experiment.arms))
+            self.assertGreaterEqual(len(experiment.arms), 6)
+            for run in experiment.results:
+                self.assertTrue(0.0 <= run.test_accuracy <= 1.0)
+            self.assertTrue(plots)
+            for name in plots:
+                self.assertTrue(os.path.exists(os.path.join(folder, name)))
+
+
 class ArgumentsTest(unittest.TestCase):
     def test_defaults_and_errors(self):
         args = parse_args([])
