@@ -76,8 +76,8 @@ def backup_folder(callback, own):
 def register_stateful(callback):
     """Records a callback with state (``state_name``, ``get_state``,
     ``set_state``, ``write_state(folder, epoch)``) for its model's running
-    ``fit``: `kreg.callbacks.ModelCheckpoint` and
-    `kreg.callbacks.BackupAndRestore` write its state."""
+    ``fit``: `kreg.callbacks.ModelCheckpoint` writes its state beside
+    each file it saves."""
     register(callback, "stateful")
     _PROGRESS[callback] = {"finished": None, "waiting": []}
 

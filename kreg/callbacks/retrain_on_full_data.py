@@ -186,18 +186,21 @@ class RetrainOnFullData(keras.callbacks.Callback):
         # A checkpoint file of phase 2 has no values: the model loaded from
         # it holds the values phase 2 goes on from.
         if state.get("phase2") is None or values:
-            if len(values) != len(self._values()):
+            optimizer = self.model.optimizer
+            expected = len(self.model.weights) + (
+                0 if optimizer is None else len(optimizer.variables))
+            if len(values) != expected:
                 raise ValueError(
                     f"it holds {len(values)} weights and optimizer variables "
-                    f"but this model has {len(self._values())}.")
+                    f"but this model has {expected}.")
             self._start_values = values
         self._phase1_logs = list(state["phase1_logs"])
         self._phase2_start = state.get("phase2")
         self._plan = state["plan"] if state["phase"] == 2 else None
 
     def write_state(self, folder, epoch):
-        """Writes `get_state()` to `folder` (`kreg.callbacks.ModelCheckpoint`
-        calls it)."""
+        """Writes its phase-1 state (logs, start values) to `folder`
+        (`kreg.callbacks.ModelCheckpoint` calls it during phase 1)."""
         self._save_state(folder, 1, self._start_values)
 
     def on_epoch_begin(self, epoch, logs=None):
