@@ -257,11 +257,6 @@ class EarlyStopping(keras.callbacks.Callback):
                 self._resume(None)
             self.finish()
 
-    @property
-    def finished(self):
-        """Whether `finish` has run in this ``fit``."""
-        return self._finished
-
     def finish(self):
         """Ends training's use of this callback, once per ``fit``: restores
         the best weights (``restore_best_weights``) and deletes its state
